@@ -1,0 +1,65 @@
+"""Built-in builders for configs: task sources, models and learners.
+
+Each function's signature is the schema of its config section (see :mod:`metattn.registry`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import nn
+
+from metattn.data.synthetic import SinusoidTasks
+from metattn.meta.maml import MAML
+from metattn.nn.backbones import MLP, Conv4, TokenTransformer, ViT
+from metattn.registry import register
+
+
+# ------------------------------------------------------------------ tasks
+@register("task", "sinusoid")
+def sinusoid(split: str, k_shot: int = 10, k_query: int = 10, noise_std: float = 0.0
+             ) -> SinusoidTasks:
+    """MAML paper sinusoids (the same distribution for train and test; seeds differ)."""
+    return SinusoidTasks(k_shot=k_shot, k_query=k_query, noise_std=noise_std)
+
+
+# ------------------------------------------------------------------ models
+@register("model", "mlp")
+def mlp(in_features: int = 1, hidden: list[int] = (40, 40), out_features: int = 1) -> nn.Module:
+    return MLP(in_features, list(hidden), out_features)
+
+
+@register("model", "conv4")
+def conv4(in_channels: int = 1, n_classes: int = 5, hidden: int = 64, image_size: int = 28
+          ) -> nn.Module:
+    return Conv4(in_channels, n_classes, hidden, image_size)
+
+
+@register("model", "vit")
+def vit(in_channels: int = 1, n_classes: int = 5, image_size: int = 28, patch_size: int = 7,
+        d_model: int = 64, n_heads: int = 4, n_layers: int = 2, d_ff: int | None = None,
+        dropout: float = 0.0) -> nn.Module:
+    return ViT(in_channels, n_classes, image_size, patch_size, d_model, n_heads, n_layers, d_ff,
+               dropout)
+
+
+@register("model", "token_transformer")
+def token_transformer(vocab_size: int = 1000, max_len: int = 32, n_classes: int = 5,
+                      d_model: int = 128, n_heads: int = 4, n_layers: int = 2, d_ff: int = 256,
+                      dropout: float = 0.0) -> nn.Module:
+    return TokenTransformer(vocab_size, max_len, n_classes, d_model, n_heads, n_layers, d_ff,
+                            dropout)
+
+
+# ------------------------------------------------------------------ learners
+@register("learner", "maml")
+def maml(model: nn.Module, inner_lr: float = 0.4, inner_steps: int = 1,
+         first_order: bool = False, adapt: list[str] | str | None = None,
+         learn_inner_lr: Literal["scalar", "per_param", "per_layer_step"] | None = None,
+         msl_steps: int = 0, second_order_start: int = 0, eval_inner_steps: int | None = None,
+         vectorize: bool | Literal["auto"] = "auto", chunk_size: int | None = None) -> MAML:
+    """The whole MAML family (FOMAML, ANIL, Meta-SGD, MAML++ are options)."""
+    return MAML(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order,
+                adapt=adapt, learn_inner_lr=learn_inner_lr, msl_steps=msl_steps,
+                second_order_start=second_order_start, eval_inner_steps=eval_inner_steps,
+                vectorize=vectorize, chunk_size=chunk_size)

@@ -1,0 +1,47 @@
+"""What every learner shares: the contract and small helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metattn.data.tasks import TaskBatch
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def default_loss(batch_or_n_way: TaskBatch | int | None) -> LossFn:
+    """Cross-entropy for classification episodes (``n_way`` set), mean squared error otherwise."""
+    n_way = batch_or_n_way.n_way if isinstance(batch_or_n_way, TaskBatch) else batch_or_n_way
+    return F.cross_entropy if n_way is not None else F.mse_loss
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Fraction of correct argmax predictions over the last-but-one dimension (per task)."""
+    return (logits.argmax(-1) == y).to(logits.dtype).mean(-1)
+
+
+class Learner(nn.Module):
+    """The contract every learner follows.
+
+    * ``meta_loss(batch, loss_fn=None, step=None) -> (loss, metrics)``: a differentiable
+      scalar to minimise over a meta-batch, and detached 0-dim tensors to log.
+    * ``evaluate(batch, loss_fn=None) -> dict[str, Tensor]``: per-task query metrics
+      (``loss`` and, for classification, ``accuracy``), no outer graph.
+    * ``adapt(support_x, support_y, loss_fn=None) -> callable``: adapt to ONE task and return
+      something that maps query inputs to predictions.
+    """
+
+    def meta_loss(self, batch: TaskBatch, loss_fn: LossFn | None = None,
+                  step: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def evaluate(self, batch: TaskBatch, loss_fn: LossFn | None = None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor,
+              loss_fn: LossFn | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        raise NotImplementedError

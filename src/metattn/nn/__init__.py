@@ -1,0 +1,28 @@
+"""Attention, Transformer blocks and backbones."""
+
+from metattn.nn.attention import (
+    MultiHeadAttention,
+    TransformerBlock,
+    TransformerEncoder,
+    double_backward,
+    double_backward_enabled,
+    fused_allowed,
+    record_attention,
+    scaled_dot_product_attention,
+)
+from metattn.nn.backbones import MLP, ViT, Conv4, TokenTransformer
+
+__all__ = [
+    "MultiHeadAttention",
+    "TransformerBlock",
+    "TransformerEncoder",
+    "double_backward",
+    "double_backward_enabled",
+    "fused_allowed",
+    "record_attention",
+    "scaled_dot_product_attention",
+    "MLP",
+    "Conv4",
+    "ViT",
+    "TokenTransformer",
+]

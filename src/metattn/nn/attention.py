@@ -1,0 +1,216 @@
+"""Scaled dot-product attention that MAML can differentiate through twice.
+
+Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V.
+
+Two implementations compute it:
+
+* the fused kernel, ``torch.nn.functional.scaled_dot_product_attention`` (fast, low memory);
+* an explicit math path (``q @ k^T``, softmax, ``@ v``) built from ordinary differentiable ops.
+
+The fused kernels implement only a first derivative: on torch 2.13 a double backward through
+them fails ("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+implemented"). The rule is therefore automatic: the fused kernel is used unless
+
+1. the caller asked for the attention weights (the fused kernel does not return them), or
+2. a second derivative will be taken: metattn's second-order learners run their inner loop
+   inside :func:`double_backward`, which also pins ``F.scaled_dot_product_attention`` (and so
+   ``torch.nn.MultiheadAttention`` in user models) to PyTorch's math backend, or
+3. attention maps are being recorded (:func:`record_attention`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+_DOUBLE_BACKWARD: ContextVar[bool] = ContextVar("metattn_double_backward", default=False)
+_RECORDER: ContextVar[list | None] = ContextVar("metattn_attention_recorder", default=None)
+
+
+@contextmanager
+def double_backward(enabled: bool = True) -> Iterator[None]:
+    """Run the block on attention paths that support a second derivative.
+
+    Inside it, metattn's attention uses the explicit math path and PyTorch's own
+    ``scaled_dot_product_attention`` is restricted to its math backend.
+    """
+    token = _DOUBLE_BACKWARD.set(enabled or _DOUBLE_BACKWARD.get())
+    with ExitStack() as stack:
+        if enabled:
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        try:
+            yield
+        finally:
+            _DOUBLE_BACKWARD.reset(token)
+
+
+def double_backward_enabled() -> bool:
+    """Whether the current code runs inside :func:`double_backward`."""
+    return _DOUBLE_BACKWARD.get()
+
+
+@contextmanager
+def record_attention() -> Iterator[list[tuple[nn.Module, torch.Tensor]]]:
+    """Collect ``(module, weights)`` from every :class:`MultiHeadAttention` called inside.
+
+    Weights have shape ``[..., heads, L_q, L_k]`` and are detached. Recording forces the
+    math path, which computes the weights explicitly.
+    """
+    store: list[tuple[nn.Module, torch.Tensor]] = []
+    token = _RECORDER.set(store)
+    try:
+        yield store
+    finally:
+        _RECORDER.reset(token)
+
+
+def fused_allowed(need_weights: bool) -> bool:
+    """The rule for the fused kernel: no weights wanted and no second derivative coming."""
+    return not need_weights and not _DOUBLE_BACKWARD.get() and _RECORDER.get() is None
+
+
+def scaled_dot_product_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softmax(q k^T / sqrt(d_k)) v over the last two dimensions.
+
+    ``q`` is ``[..., L_q, d_k]``, ``k`` is ``[..., L_k, d_k]``, ``v`` is ``[..., L_k, d_v]``.
+    ``mask`` broadcasts to ``[..., L_q, L_k]``: boolean (True = may attend) or additive float.
+    ``is_causal`` lets position i attend to positions <= i only. Returns the output and,
+    when ``need_weights``, the attention weights (else ``None``).
+    """
+    if fused_allowed(need_weights):
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
+        )
+        return out, None
+    d_k = q.shape[-1]
+    # d_k is a Python int: math.sqrt gives the exact float scale (no integer-sqrt trap).
+    scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(d_k)
+    if is_causal:
+        lq, lk = q.shape[-2], k.shape[-2]
+        causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask
+    weights = torch.softmax(scores, dim=-1)
+    attn = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
+    return torch.matmul(attn, v), weights
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with separate q/k/v projections (so ANIL can name them).
+
+    ``forward(x)`` is self-attention; ``forward(x, context)`` attends from ``x`` to
+    ``context``. Inputs are ``[..., L, d_model]`` (any number of leading batch dimensions).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(
+                f"MultiHeadAttention: d_model={d_model} is not divisible by n_heads={n_heads}; "
+                "choose n_heads that divides d_model"
+            )
+        self.d_model = d_model
+        self.n_heads = n_heads
+        self.d_head = d_model // n_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (self.n_heads, self.d_head)).transpose(-3, -2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        need_weights: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Attend; returns the output, or ``(output, weights [..., heads, L_q, L_k])``."""
+        ctx = x if context is None else context
+        q = self._heads(self.q_proj(x))
+        k = self._heads(self.k_proj(ctx))
+        v = self._heads(self.v_proj(ctx))
+        recorder = _RECORDER.get()
+        want = need_weights or recorder is not None
+        out, weights = scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            need_weights=want,
+        )
+        if recorder is not None and weights is not None:
+            recorder.append((self, weights.detach()))
+        out = self.out_proj(out.transpose(-3, -2).flatten(-2))
+        if need_weights:
+            return out, weights
+        return out
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm Transformer block: x + Attn(LN(x)), then x + FF(LN(x))."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        d_ff = d_ff or 4 * d_model
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = MultiHeadAttention(d_model, n_heads, dropout=dropout)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), mask=mask, is_causal=is_causal))
+        return x + self.drop(self.ff(self.ln2(x)))
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of pre-norm :class:`TransformerBlock` s with a final LayerNorm."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_layers: int,
+        d_ff: int | None = None,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            TransformerBlock(d_model, n_heads, d_ff, dropout) for _ in range(n_layers)
+        )
+        self.ln_f = nn.LayerNorm(d_model)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, mask=mask, is_causal=is_causal)
+        return self.ln_f(x)

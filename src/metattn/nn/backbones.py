@@ -1,0 +1,125 @@
+"""Backbones used by the recipes. They are plain ``nn.Module`` s: any user module works too.
+
+Every backbone names its final classifier/regressor ``head`` so that ANIL can adapt only it
+(``adapt=["head"]``) and metric learners can drop it (``model.features``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from metattn.nn.attention import TransformerEncoder
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU network; the MAML paper's sinusoid model is ``MLP(1, [40, 40], 1)``."""
+
+    def __init__(self, in_features: int = 1, hidden: list[int] | tuple[int, ...] = (40, 40),
+                 out_features: int = 1):
+        super().__init__()
+        layers: list[nn.Module] = []
+        d = in_features
+        for h in hidden:
+            layers += [nn.Linear(d, h), nn.ReLU()]
+            d = h
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(d, out_features)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class Conv4(nn.Module):
+    """The MAML paper's Omniglot network: 4 x [3x3 conv, BatchNorm, ReLU, 2x2 max-pool], linear.
+
+    BatchNorm always uses the statistics of the batch it sees (``track_running_stats=False``),
+    as in the paper's reference code, so train and test behave alike and per-task batches are
+    normalised on their own.
+    """
+
+    def __init__(self, in_channels: int = 1, n_classes: int = 5, hidden: int = 64,
+                 image_size: int = 28):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        c = in_channels
+        size = image_size
+        for _ in range(4):
+            blocks += [
+                nn.Conv2d(c, hidden, 3, padding=1),
+                nn.BatchNorm2d(hidden, track_running_stats=False),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
+            c = hidden
+            size //= 2
+        self.body = nn.Sequential(*blocks)
+        self.feature_dim = hidden * max(size, 1) ** 2
+        self.head = nn.Linear(self.feature_dim, n_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).flatten(-3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class ViT(nn.Module):
+    """A small ViT-style encoder: non-overlapping patches, learned positions, Transformer, mean pool."""
+
+    def __init__(self, in_channels: int = 1, n_classes: int = 5, image_size: int = 28,
+                 patch_size: int = 7, d_model: int = 64, n_heads: int = 4, n_layers: int = 2,
+                 d_ff: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(
+                f"ViT: image_size={image_size} is not a multiple of patch_size={patch_size}; "
+                "pick a patch size that divides the image"
+            )
+        self.patch_size = patch_size
+        n_patches = (image_size // patch_size) ** 2
+        self.patch = nn.Linear(in_channels * patch_size * patch_size, d_model)
+        self.pos = nn.Parameter(torch.randn(n_patches, d_model) * 0.02)
+        self.encoder = TransformerEncoder(d_model, n_heads, n_layers, d_ff, dropout)
+        self.feature_dim = d_model
+        self.head = nn.Linear(d_model, n_classes)
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., C, H, W]`` -> ``[..., n_patches, C * p * p]`` (row-major patch order)."""
+        p = self.patch_size
+        c, h, w = x.shape[-3:]
+        x = x.unflatten(-2, (h // p, p)).unflatten(-1, (w // p, p))  # [..., C, h, p, w, p]
+        x = x.movedim(-5, -1)  # [..., h, p, w, p, C]
+        x = x.transpose(-4, -3)  # [..., h, w, p, p, C]
+        return x.flatten(-5, -4).flatten(-3)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.patch(self.patches(x)) + self.pos
+        return self.encoder(z).mean(-2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class TokenTransformer(nn.Module):
+    """Token classifier: embedding + learned positions, Transformer encoder, mean pool, linear head."""
+
+    def __init__(self, vocab_size: int = 1000, max_len: int = 32, n_classes: int = 5,
+                 d_model: int = 128, n_heads: int = 4, n_layers: int = 2, d_ff: int = 256,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.pos = nn.Parameter(torch.randn(max_len, d_model) * 0.02)
+        self.encoder = TransformerEncoder(d_model, n_heads, n_layers, d_ff, dropout)
+        self.feature_dim = d_model
+        self.head = nn.Linear(d_model, n_classes)
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        z = self.embed(tokens) + self.pos[: tokens.shape[-1]]
+        return self.encoder(z).mean(-2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(tokens))
