@@ -63,3 +63,8 @@ def maml(model: nn.Module, inner_lr: float = 0.4, inner_steps: int = 1,
                 adapt=adapt, learn_inner_lr=learn_inner_lr, msl_steps=msl_steps,
                 second_order_start=second_order_start, eval_inner_steps=eval_inner_steps,
                 vectorize=vectorize, chunk_size=chunk_size)
+
+
+# Families registered in their own modules (imported here so every config can name them).
+import metattn.builders_icl  # noqa: E402,F401
+import metattn.builders_vision  # noqa: E402,F401

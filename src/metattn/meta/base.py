@@ -39,6 +39,12 @@ class Learner(nn.Module):
                   step: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
+    def forward(self, batch: TaskBatch, loss_fn: LossFn | None = None,
+                step: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Same as :meth:`meta_loss`; lets ``DistributedDataParallel(learner)`` all-reduce
+        meta-gradients with its usual hooks."""
+        return self.meta_loss(batch, loss_fn, step)
+
     def evaluate(self, batch: TaskBatch, loss_fn: LossFn | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

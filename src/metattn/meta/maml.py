@@ -19,15 +19,15 @@ Options of this one loop give the family:
   for the first outer steps, then second order).
 
 Tasks are processed either vectorised (``torch.func.vmap`` over the task dimension) or in a
-Python loop; both give the same numbers. ``vectorize="auto"`` picks vmap on CUDA and the loop
-on CPU, by measurement (``benchmarks/throughput.py``).
+Python loop; both give the same numbers. ``vectorize="auto"`` picks vmap on CUDA, and on CPU
+for every model without convolutions (see :meth:`MAML._use_vmap` for the measurements).
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from typing import Literal
 
 import torch
@@ -37,9 +37,11 @@ from torch.func import functional_call, grad_and_value, vmap
 from metattn.data.tasks import TaskBatch
 from metattn.errors import ConfigError, InnerLoopError
 from metattn.meta.base import Learner, LossFn, accuracy, default_loss
-from metattn.meta.norms import SplitAffineNorms
+from metattn.meta.norms import NormRewrite
 from metattn.nn.attention import double_backward
 
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
+               nn.LocalResponseNorm)
 InnerLR = Literal["scalar", "per_param", "per_layer_step"]
 Params = dict[str, torch.Tensor]
 
@@ -100,10 +102,15 @@ class MAML(Learner):
         second_order_start: MAML++ derivative-order annealing: outer steps before this one are
             first order.
         eval_inner_steps: inner steps used by ``evaluate``/``adapt`` (default ``inner_steps``).
-        vectorize: ``True`` (vmap over tasks), ``False`` (loop) or ``"auto"`` (vmap on CUDA).
+        vectorize: ``True`` (vmap over tasks), ``False`` (loop) or ``"auto"`` (measured choice).
         chunk_size: vmap this many tasks at a time (bounds memory); None = all at once.
         loss_fn: default loss; None = cross-entropy for classification batches, else MSE.
         check_finite: raise :class:`InnerLoopError` when an inner loss is NaN/inf.
+
+    Normalisation layers: inside the inner loop BatchNorm in training mode uses batch statistics
+    and does not update its running statistics (see :mod:`metattn.meta.norms`). Models are
+    recognised as having norm layers by their ``torch.nn`` norm modules; a module that calls
+    ``F.batch_norm``/``F.layer_norm`` directly without one should set ``has_norms=True``.
     """
 
     def __init__(
@@ -121,6 +128,7 @@ class MAML(Learner):
         chunk_size: int | None = None,
         loss_fn: LossFn | None = None,
         check_finite: bool = True,
+        has_norms: bool | None = None,
     ):
         super().__init__()
         if inner_steps < 0:
@@ -147,6 +155,10 @@ class MAML(Learner):
         self.loss_fn = loss_fn
         self.check_finite = check_finite
         params = dict(model.named_parameters())
+        # The norm rewrite costs a Python call per op: enter it only for models with norms.
+        self._has_norms = has_norms if has_norms is not None else any(
+            isinstance(mod, _NORM_TYPES) for mod in model.modules())
+        self._has_conv = any(isinstance(mod, nn.modules.conv._ConvNd) for mod in model.modules())
         self.inner_lrs = nn.ParameterDict()
         if learn_inner_lr == "scalar":
             self.inner_lrs["all"] = nn.Parameter(torch.tensor(self.inner_lr))
@@ -181,8 +193,12 @@ class MAML(Learner):
         return fast, slow, buffers
 
     def _use_vmap(self, device: torch.device) -> bool:
+        """vmap or loop. ``auto``, by measurement (torch 2.13, meta-batches of the issue's
+        workloads): on CUDA vmap wins by 10x+; on 2 CPU cores vmap wins for MLPs (7x, sinusoid)
+        and Transformers (1.2x) but the loop wins for conv nets (2.5x, Conv-4), whose batched
+        convolutions have no fast CPU path under vmap."""
         if self.vectorize == "auto":
-            return device.type == "cuda"
+            return device.type == "cuda" or not self._has_conv
         return bool(self.vectorize)
 
     def msl_weights(self, steps: int, step: int | None) -> list[float]:
@@ -209,22 +225,46 @@ class MAML(Learner):
         steps: int,
         first_order: bool,
         record: Sequence[int],
+        vectorized: bool,
     ) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The per-task computation: adapt on the support set, measure on the query set.
 
         Returns ``f(sx, sy, qx, qy) -> (support_losses [steps], query_losses [len(record)],
         query_outputs [len(record), Q, ...])`` where ``record`` lists the inner steps
-        (0 = before adaptation) at which the query set is measured.
+        (0 = before adaptation) at which the query set is measured. Under vmap the inner
+        gradient is ``torch.func.grad`` (which keeps its graph, so the outer backward goes
+        through it); in the loop it is ``torch.autograd.grad`` with ``create_graph`` set by
+        ``first_order`` (measured ~35% faster on CPU than ``torch.func.grad`` for Conv-4).
         """
         model = self.model
 
-        def support_loss(p: Params, sx: torch.Tensor, sy: torch.Tensor) -> torch.Tensor:
-            return loss_fn(functional_call(model, (p, slow, buffers), (sx,)), sy)
+        # Buffers are passed as an argument (not captured): modules may update them in place
+        # (BatchNorm's num_batches_tracked), which torch.func allows only for inputs.
+        def support_loss(p: Params, bufs: Params, sx: torch.Tensor, sy: torch.Tensor
+                         ) -> torch.Tensor:
+            return loss_fn(functional_call(model, (p, slow, bufs), (sx,)), sy)
 
-        grad_fn = grad_and_value(support_loss)
+        if vectorized:
+            func_grad = grad_and_value(support_loss)
+
+            def grad_fn(p: Params, sx: torch.Tensor, sy: torch.Tensor):
+                g, loss = func_grad(p, buffers, sx, sy)
+                return ({k: v.detach() for k, v in g.items()} if first_order else g), loss
+        else:
+            def grad_fn(p: Params, sx: torch.Tensor, sy: torch.Tensor):
+                loss = support_loss(p, buffers, sx, sy)
+                names = list(p)
+                gs = torch.autograd.grad(loss, [p[k] for k in names], allow_unused=True,
+                                         create_graph=not first_order)
+                g = {k: torch.zeros_like(p[k]) if gk is None else gk
+                     for k, gk in zip(names, gs, strict=True)}
+                return g, loss.detach() if first_order else loss
 
         def f(sx, sy, qx, qy):
             p = fast
+            if not vectorized and not torch.is_grad_enabled():
+                # evaluation: adapt detached copies, without an outer graph
+                p = {k: v.detach().requires_grad_() for k, v in p.items()}
             s_losses, q_losses, q_outs = [], [], []
 
             def measure() -> None:
@@ -235,11 +275,15 @@ class MAML(Learner):
             if 0 in record:
                 measure()
             for i in range(steps):
-                g, loss = grad_fn(p, sx, sy)
+                if vectorized:
+                    g, loss = grad_fn(p, sx, sy)
+                else:
+                    with torch.enable_grad():
+                        g, loss = grad_fn(p, sx, sy)
+                        p = {k: p[k] - self._lr(k, i) * g[k] for k in p}
                 s_losses.append(loss)
-                if first_order:
-                    g = {k: v.detach() for k, v in g.items()}
-                p = {k: p[k] - self._lr(k, i) * g[k] for k in p}
+                if vectorized:
+                    p = {k: p[k] - self._lr(k, i) * g[k] for k in p}
                 if i + 1 in record:
                     measure()
             s = torch.stack(s_losses) if s_losses else qx.new_zeros(0)
@@ -257,13 +301,17 @@ class MAML(Learner):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run the inner loop on every task; outputs have a leading task dimension."""
         fast, slow, buffers = self._split_params()
-        f = self._task_fn(fast, slow, buffers, loss_fn, steps, first_order, record)
+        use_vmap = self._use_vmap(batch.support_x.device)
+        f = self._task_fn(fast, slow, buffers, loss_fn, steps, first_order, record, use_vmap)
         args = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         with ExitStack() as stack:
-            if not first_order and steps > 0 and torch.is_grad_enabled():
+            # The math attention path is needed for a second derivative, and under vmap
+            # (the fused CPU kernels have no batching rule: vmap would loop over them).
+            if use_vmap or (not first_order and steps > 0 and torch.is_grad_enabled()):
                 stack.enter_context(double_backward())
-            if self._use_vmap(batch.support_x.device):
-                stack.enter_context(SplitAffineNorms())
+            if self._has_norms:
+                stack.enter_context(NormRewrite(split_affine=use_vmap))
+            if use_vmap:
                 s, q, o = vmap(f, randomness="different", chunk_size=self.chunk_size)(*args)
             else:
                 outs = [f(*(a[t] for a in args)) for t in range(batch.num_tasks)]
@@ -280,7 +328,7 @@ class MAML(Learner):
                 step = idx if labels is None else labels[idx]
                 raise InnerLoopError(
                     f"MAML inner loop: the {name} loss of task {task} is "
-                    f"{float(losses[task, idx])} at inner step {step} (inner_lr={self.inner_lr}, "
+                    f"{float(losses[task, idx].detach())} at inner step {step} (inner_lr={self.inner_lr}, "
                     f"learn_inner_lr={self.learn_inner_lr}); lower inner_lr, check the task "
                     "inputs for NaN/inf, or normalise the targets"
                 )
@@ -347,13 +395,14 @@ class MAML(Learner):
         p = {k: v.detach() for k, v in fast.items()}
         model = self.model
 
-        def support_loss(p: Params) -> torch.Tensor:
-            return loss_fn(functional_call(model, (p, slow, buffers), (batch.support_x[0],)),
+        def support_loss(p: Params, bufs: Params) -> torch.Tensor:
+            return loss_fn(functional_call(model, (p, slow, bufs), (batch.support_x[0],)),
                            batch.support_y[0])
 
-        with torch.no_grad():
+        with torch.no_grad(), NormRewrite(split_affine=False) if self._has_norms \
+                else nullcontext():
             for i in range(steps):
-                g, loss = grad_and_value(support_loss)(p)
+                g, loss = grad_and_value(support_loss)(p, buffers)
                 if self.check_finite and not torch.isfinite(loss):
                     raise InnerLoopError(
                         f"MAML.adapt: the support loss is {float(loss)} at inner step {i}; "

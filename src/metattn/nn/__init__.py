@@ -10,7 +10,7 @@ from metattn.nn.attention import (
     record_attention,
     scaled_dot_product_attention,
 )
-from metattn.nn.backbones import MLP, ViT, Conv4, TokenTransformer
+from metattn.nn.backbones import MLP, Conv4, TokenTransformer, ViT
 
 __all__ = [
     "MultiHeadAttention",

@@ -89,7 +89,7 @@ def scaled_dot_product_attention(
 
     ``q`` is ``[..., L_q, d_k]``, ``k`` is ``[..., L_k, d_k]``, ``v`` is ``[..., L_k, d_v]``.
     ``mask`` broadcasts to ``[..., L_q, L_k]``: boolean (True = may attend) or additive float.
-    ``is_causal`` lets position i attend to positions <= i only. Returns the output and,
+    ``is_causal`` lets query i attend to keys <= i only (top-left aligned, as PyTorch). Returns the output and,
     when ``need_weights``, the attention weights (else ``None``).
     """
     if fused_allowed(need_weights):
@@ -102,7 +102,7 @@ def scaled_dot_product_attention(
     scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(d_k)
     if is_causal:
         lq, lk = q.shape[-2], k.shape[-2]
-        causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
+        causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~causal, float("-inf"))
     if mask is not None:
         if mask.dtype == torch.bool:

@@ -68,7 +68,7 @@ class Conv4(nn.Module):
 
 
 class ViT(nn.Module):
-    """A small ViT-style encoder: non-overlapping patches, learned positions, Transformer, mean pool."""
+    """Small ViT-style encoder: non-overlapping patches, learned positions, Transformer, mean."""
 
     def __init__(self, in_channels: int = 1, n_classes: int = 5, image_size: int = 28,
                  patch_size: int = 7, d_model: int = 64, n_heads: int = 4, n_layers: int = 2,
@@ -105,7 +105,7 @@ class ViT(nn.Module):
 
 
 class TokenTransformer(nn.Module):
-    """Token classifier: embedding + learned positions, Transformer encoder, mean pool, linear head."""
+    """Token classifier: embedding + positions, Transformer encoder, mean pool, linear head."""
 
     def __init__(self, vocab_size: int = 1000, max_len: int = 32, n_classes: int = 5,
                  d_model: int = 128, n_heads: int = 4, n_layers: int = 2, d_ff: int = 256,

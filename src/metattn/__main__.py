@@ -1,0 +1,5 @@
+import sys
+
+from metattn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,60 @@
+"""Config builders for in-context learning: function-class tasks, the ICL Transformer and its
+learner (see :mod:`metattn.registry`; each signature is the schema of its config section)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import nn
+
+from metattn.data.functions import DecisionTreeTasks, LinearTasks, ReLUNetTasks
+from metattn.errors import ConfigError
+from metattn.meta.incontext import ICLTransformer, InContextLearner
+from metattn.registry import register
+
+
+# ------------------------------------------------------------------ tasks
+# One distribution for train and test (as for sinusoids): splits differ only by seed.
+@register("task", "linear")
+def linear(split: str, d: int = 20, k_shot: int = 40, k_query: int = 1, noise_std: float = 0.0,
+           sparsity: int | None = None, d_active: int | None = None) -> LinearTasks:
+    """Linear functions y = w . x, x, w ~ N(0, I_d) (sparse when ``sparsity`` is set)."""
+    return LinearTasks(d=d, k_shot=k_shot, k_query=k_query, noise_std=noise_std,
+                       sparsity=sparsity, d_active=d_active)
+
+
+@register("task", "relu_net")
+def relu_net(split: str, d: int = 20, hidden: int = 100, k_shot: int = 100, k_query: int = 1,
+             noise_std: float = 0.0, d_active: int | None = None) -> ReLUNetTasks:
+    """Random two-layer ReLU networks (Garg et al. 2022)."""
+    return ReLUNetTasks(d=d, hidden=hidden, k_shot=k_shot, k_query=k_query,
+                        noise_std=noise_std, d_active=d_active)
+
+
+@register("task", "decision_tree")
+def decision_tree(split: str, d: int = 20, depth: int = 4, k_shot: int = 100, k_query: int = 1,
+                  noise_std: float = 0.0, d_active: int | None = None) -> DecisionTreeTasks:
+    """Random depth-``depth`` decision trees with N(0, 1) leaves (Garg et al. 2022)."""
+    return DecisionTreeTasks(d=d, depth=depth, k_shot=k_shot, k_query=k_query,
+                             noise_std=noise_std, d_active=d_active)
+
+
+# ------------------------------------------------------------------ models
+@register("model", "icl_transformer")
+def icl_transformer(d_x: int = 20, d_y: int = 1, d_model: int = 256, n_layers: int = 12,
+                    n_heads: int = 8, max_points: int = 101, d_ff: int | None = None,
+                    dropout: float = 0.0) -> nn.Module:
+    """GPT-2-like causal Transformer over (x, y) prompt tokens."""
+    return ICLTransformer(d_x, d_y, d_model, n_layers, n_heads, max_points, d_ff, dropout)
+
+
+# ------------------------------------------------------------------ learners
+@register("learner", "incontext")
+def incontext(model: nn.Module, loss_on: Literal["all", "query"] = "all") -> InContextLearner:
+    """In-context learner: adaptation is a forward pass over the support prompt."""
+    if not isinstance(model, ICLTransformer):
+        raise ConfigError(
+            f"learner.kind=incontext needs model.kind=icl_transformer, got a "
+            f"{type(model).__name__}"
+        )
+    return InContextLearner(model, loss_on=loss_on)

@@ -1,0 +1,167 @@
+"""YAML configs mapped onto dataclasses, with errors that name the key and the fix.
+
+A config has three component sections built through :mod:`metattn.registry` (``task``,
+``model``, ``learner``: ``kind`` plus that builder's keyword arguments) and two plain sections
+(``train``, ``eval``) described by :class:`TrainConfig` and :class:`EvalConfig`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from metattn import registry
+from metattn.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """The outer loop: how many meta-steps, on how many tasks, with which optimiser."""
+
+    steps: int = 1000
+    meta_batch: int = 16
+    lr: float = 1e-3
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+    log_every: int = 50
+    eval_every: int = 1000
+    eval_episodes: int = 100
+    checkpoint_every: int = 1000
+    target: float | None = None
+    device: str = "auto"
+    dtype: Literal["float32", "float64"] = "float32"
+    autocast: Literal["none", "bf16", "fp16"] = "none"
+    tf32: bool = True
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Final evaluation on a FIXED, seeded set of test episodes (mean and 95% CI)."""
+
+    episodes: int = 600
+    seed: int = 20240
+    chunk: int = 100
+    task: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    """A whole experiment."""
+
+    name: str = "run"
+    seed: int = 0
+    task: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    learner: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def test_task_spec(self) -> dict[str, Any]:
+        """The task section with the ``eval.task`` overrides applied."""
+        return {**self.task, **self.eval.task}
+
+
+def _check_fields(section: str, cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{section}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            where = f"{section}.{key}" if section else key
+            raise ConfigError(f"{where}: unknown key; {hint}valid keys: {sorted(names)}")
+        if not registry._type_ok(value, hints[key]) and not dataclasses.is_dataclass(hints[key]):
+            where = f"{section}.{key}" if section else key
+            raise ConfigError(
+                f"{where}: got {value!r} ({type(value).__name__}), expected {hints[key]}; "
+                "fix the value in the YAML or with --set"
+            )
+    return data
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """Validate a plain dict (parsed YAML) and build a :class:`RunConfig`."""
+    data = copy.deepcopy(data or {})
+    _check_fields("", RunConfig, data)
+    train = TrainConfig(**_check_fields("train", TrainConfig, data.pop("train", {}) or {}))
+    ev = EvalConfig(**_check_fields("eval", EvalConfig, data.pop("eval", {}) or {}))
+    cfg = RunConfig(**data, train=train, eval=ev)
+    for group in ("task", "model", "learner"):
+        spec = getattr(cfg, group)
+        if "kind" not in spec:
+            raise ConfigError(f"{group}.kind: missing; choose one of {registry.kinds(group)}")
+        opts = {k: v for k, v in spec.items() if k != "kind"}
+        registry.check_options(group, spec["kind"], opts)
+    test_opts = {k: v for k, v in cfg.test_task_spec().items() if k != "kind"}
+    registry.check_options("task", cfg.task["kind"], test_opts)
+    if cfg.train.meta_batch < 1:
+        raise ConfigError(f"train.meta_batch={cfg.train.meta_batch}; it must be >= 1")
+    if cfg.train.steps < 0:
+        raise ConfigError(f"train.steps={cfg.train.steps}; it must be >= 0")
+    return cfg
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"train.lr=3e-4"`` -> (["train", "lr"], 0.0003); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.steps=100")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):
+        # YAML reads "3e-4" as a string; accept it as a number.
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set a.b=value`` overrides to a parsed YAML dict (a copy is returned)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config file, apply overrides and validate."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a YAML file "
+                          "(see configs/)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+    data = apply_overrides(data, overrides or [])
+    data.setdefault("name", p.stem)
+    return from_dict(data)
+
+
+def dump(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what a run directory's config.yaml holds)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

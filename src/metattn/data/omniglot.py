@@ -1,0 +1,458 @@
+"""Omniglot (Lake et al. 2015): loader for the official release zips and an episode sampler.
+
+Data
+----
+The official release has two zips, ``images_background.zip`` (30 alphabets, 964 characters)
+and ``images_evaluation.zip`` (20 alphabets, 659 characters). Each character was drawn by 20
+people; the files are ``images_<split>/<Alphabet>/characterNN/<id>_NN.png``, 105x105, 1-bit,
+black ink on white.
+
+Preprocessing (as in the MAML reference code, cbfinn/maml ``omniglot_resized``): each PNG is
+read straight from the zip with PIL, converted to 8-bit greyscale, resized to 28x28 with
+``PIL.Image.LANCZOS`` (antialiased, so thin strokes survive the 105 -> 28 reduction) and
+INVERTED, so that ink is bright: stored as ``uint8`` with ink = 255 and background = 0, which
+:class:`OmniglotTasks` turns into float32 in ``[0, 1]`` with ink = 1. The preprocessed array is
+cached as ``.npz`` in ``$METATTN_CACHE/omniglot`` (default ``~/.cache/metattn/omniglot``),
+never next to the data; the cache file name holds the zip's size and modification time (and
+the preprocessing version and image size), so a changed zip is re-read. A cold load decodes
+32,460 PNGs (about 10-15 s on one core); a warm load reads the cache (well under a second).
+
+Characters are ordered by split (background, then evaluation), then alphabet, then character
+folder, all sorted by name; the 20 drawings of a character are sorted by file name.
+
+Splits (``protocol``)
+---------------------
+``"maml"``: the protocol of Vinyals et al. (2016) used by Finn et al. (2017, MAML): all 1623
+characters in the order above; the first 1200 are meta-training characters and the remaining
+423 are meta-test characters. Each character rotated by 0, 90, 180 and 270 degrees
+(counter-clockwise, ``np.rot90``) is a NEW class, so meta-training has 4800 classes and
+meta-test 1692. Class id ``4 * c + r`` is character ``c`` of the split rotated by ``r * 90``
+degrees. (The MAML code shuffles the character folders with ``random.seed(1)`` before taking
+the first 1200, an order that depends on ``os.listdir``; we use the deterministic sorted order
+instead, so the 1200 training characters are the 964 background characters plus the first 236
+evaluation characters, and the 423 test characters are the rest of the evaluation alphabets.)
+
+``"background"``: Lake et al.'s split: meta-training = the 964 background characters,
+meta-test = the 659 evaluation characters (disjoint alphabets). Rotations are optional
+(``rotations=True`` makes 3856 / 2636 classes, as above).
+
+Episodes
+--------
+:class:`OmniglotTasks` keeps its split in memory as one ``uint8`` tensor
+``[n_classes, 20, 28, 28]`` (with rotations the four rotated copies are made once, 4x the
+memory: 75 MB for the MAML training split) and samples with tensor ops only: ``n_way``
+distinct classes per task (top-k of uniform noise), ``k_shot + k_query`` distinct drawings
+per class (argsort of uniform noise), then ONE row gather of whole images and one cast to
+float32. Support and query are class-major (``[c0, c0, ..., c1, ...]``); labels
+``0..n_way-1`` follow the random order in which the classes were drawn. Two rotations of one
+character may appear in the same task, since they are different classes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import tempfile
+import urllib.request
+import warnings
+import zipfile
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from metattn.data.tasks import TaskBatch
+from metattn.errors import DataError, TaskError
+
+SPLITS = ("background", "evaluation")
+EXPECTED_CHARACTERS = {"background": 964, "evaluation": 659}
+EXPECTED_PNGS = {"background": 19280, "evaluation": 13180}
+DRAWINGS = 20
+MAML_TRAIN_CHARACTERS = 1200
+URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/images_{split}.zip"
+# Bump when the preprocessing changes: old cache files are then ignored.
+_CACHE_VERSION = 1
+_PNG = re.compile(r"^images_(?P<split>[^/]+)/(?P<alphabet>[^/]+)/(?P<char>[^/]+)/(?P<file>[^/]+)$")
+
+Protocol = Literal["maml", "background"]
+
+
+@dataclass
+class Omniglot:
+    """Preprocessed Omniglot characters.
+
+    ``images`` is ``uint8 [n_chars, 20, size, size]`` with ink = 255 (background = 0);
+    ``alphabets[i]``, ``names[i]`` (character folder, e.g. ``"character07"``) and
+    ``splits[i]`` (``"background"``/``"evaluation"``) describe character ``i``.
+    """
+
+    images: np.ndarray
+    alphabets: list[str]
+    names: list[str]
+    splits: list[str]
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def as_float(self) -> np.ndarray:
+        """Images as float32 in ``[0, 1]`` with ink = 1."""
+        return self.images.astype(np.float32) / 255.0
+
+    def subset(self, index: Sequence[int] | np.ndarray | slice) -> Omniglot:
+        """The characters at ``index`` (in that order)."""
+        idx = np.arange(len(self))[index]
+        return Omniglot(
+            images=self.images[idx],
+            alphabets=[self.alphabets[i] for i in idx],
+            names=[self.names[i] for i in idx],
+            splits=[self.splits[i] for i in idx],
+        )
+
+    @staticmethod
+    def cat(parts: Sequence[Omniglot]) -> Omniglot:
+        """Characters of ``parts`` one after another."""
+        return Omniglot(
+            images=np.concatenate([p.images for p in parts]),
+            alphabets=[a for p in parts for a in p.alphabets],
+            names=[n for p in parts for n in p.names],
+            splits=[s for p in parts for s in p.splits],
+        )
+
+
+# ------------------------------------------------------------------ locations
+def default_root() -> Path:
+    """Where the zips are: ``../shared/data/omniglot`` if it exists, else $METATTN_DATA/omniglot."""
+    local = Path("..") / "shared" / "data" / "omniglot"
+    if local.is_dir():
+        return local.resolve()
+    env = os.environ.get("METATTN_DATA")
+    if env:
+        return Path(env).expanduser() / "omniglot"
+    raise DataError(
+        f"Omniglot: no data folder given and neither {local.resolve()} exists nor is "
+        "METATTN_DATA set; pass root=<folder with images_background.zip and "
+        "images_evaluation.zip>, set METATTN_DATA=<folder containing omniglot/>, or fetch "
+        "the zips with metattn.data.omniglot.download(root)"
+    )
+
+
+def default_cache_dir() -> Path:
+    """``$METATTN_CACHE/omniglot`` if METATTN_CACHE is set, else ``~/.cache/metattn/omniglot``."""
+    env = os.environ.get("METATTN_CACHE")
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "metattn"
+    return base / "omniglot"
+
+
+def _zip_path(root: Path, split: str) -> Path:
+    return root / f"images_{split}.zip"
+
+
+def _missing(path: Path) -> DataError:
+    return DataError(
+        f"Omniglot: {path} not found. Get the official zip from "
+        f"{URL.format(split=path.stem.removeprefix('images_'))} (or call "
+        f"metattn.data.omniglot.download({str(path.parent)!r})) and put it there, or pass "
+        "root=<folder that holds it>"
+    )
+
+
+# ------------------------------------------------------------------ reading
+def _list_characters(zf: zipfile.ZipFile, path: Path, split: str) -> dict[tuple[str, str],
+                                                                          list[str]]:
+    """``(alphabet, character) -> sorted PNG entry names``, checking the layout."""
+    chars: dict[tuple[str, str], list[str]] = {}
+    other_tops: set[str] = set()
+    for name in zf.namelist():
+        if name.endswith("/") or not name.lower().endswith(".png"):
+            continue
+        m = _PNG.match(name)
+        if m is None or m["split"] != split:
+            other_tops.add(name.split("/", 1)[0])
+            continue
+        chars.setdefault((m["alphabet"], m["char"]), []).append(name)
+    expected = f"images_{split}/<Alphabet>/<character>/<id>_NN.png"
+    if not chars:
+        found = f"; found top-level entries {sorted(other_tops)[:5]}" if other_tops else \
+            "; it holds no PNG files"
+        raise DataError(
+            f"Omniglot: {path} does not have the expected layout {expected}{found}. Use the "
+            "official release zip"
+        )
+    for (alphabet, char), files in chars.items():
+        if len(files) != DRAWINGS:
+            raise DataError(
+                f"Omniglot: {path}: character {alphabet}/{char} has {len(files)} drawings; "
+                f"expected exactly {DRAWINGS} PNGs per character ({expected}). The zip is "
+                "incomplete or not the official release"
+            )
+        files.sort()
+    return dict(sorted(chars.items()))
+
+
+def _decode(data: bytes, size: int) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("L").resize((size, size), Image.LANCZOS)
+        return 255 - np.asarray(im, dtype=np.uint8)
+
+
+def read_zip(path: str | os.PathLike, split: str, image_size: int = 28) -> Omniglot:
+    """Read and preprocess one official zip (no cache): LANCZOS resize, ink = 255."""
+    path = Path(path)
+    if not path.is_file():
+        raise _missing(path)
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DataError(
+            f"Omniglot: {path} is not a readable zip ({e}); download it again"
+        ) from e
+    with zf:
+        chars = _list_characters(zf, path, split)
+        images = np.empty((len(chars), DRAWINGS, image_size, image_size), dtype=np.uint8)
+        for i, files in enumerate(chars.values()):
+            for j, name in enumerate(files):
+                try:
+                    images[i, j] = _decode(zf.read(name), image_size)
+                except (zipfile.BadZipFile, OSError, ValueError, zlib.error, EOFError) as e:
+                    raise DataError(
+                        f"Omniglot: {path}: cannot read {name} ({e}); the zip is corrupt, "
+                        "download it again"
+                    ) from e
+    return Omniglot(
+        images=images,
+        alphabets=[a for a, _ in chars],
+        names=[c for _, c in chars],
+        splits=[split] * len(chars),
+    )
+
+
+def _cache_file(path: Path, split: str, image_size: int, cache_dir: Path) -> Path:
+    st = path.stat()
+    key = f"v{_CACHE_VERSION}_{split}_{image_size}px_lanczos_{st.st_size}_{st.st_mtime_ns}"
+    return cache_dir / f"omniglot_{key}.npz"
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _load_split(path: Path, split: str, image_size: int, cache_dir: Path | None) -> Omniglot:
+    if not path.is_file():
+        raise _missing(path)
+    if cache_dir is None:
+        return read_zip(path, split, image_size)
+    cache = _cache_file(path, split, image_size, cache_dir)
+    if cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                return Omniglot(
+                    images=z["images"],
+                    alphabets=[str(a) for a in z["alphabets"]],
+                    names=[str(n) for n in z["names"]],
+                    splits=[split] * len(z["names"]),
+                )
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            pass  # a broken cache file is rebuilt below
+    data = read_zip(path, split, image_size)
+    if _inside(cache_dir, path.parent):
+        warnings.warn(
+            f"Omniglot: cache folder {cache_dir} is inside the data folder {path.parent}; "
+            "not writing a cache there (set METATTN_CACHE elsewhere)",
+            stacklevel=3,
+        )
+        return data
+    tmp = None
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, images=data.images, alphabets=np.array(data.alphabets),
+                     names=np.array(data.names))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, cache)  # atomic: concurrent loaders never see a half-written file
+        tmp = None
+    except OSError as e:
+        warnings.warn(f"Omniglot: could not write the cache {cache} ({e})", stacklevel=3)
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+    return data
+
+
+def load_omniglot(
+    root: str | os.PathLike | None = None,
+    splits: Sequence[str] = SPLITS,
+    image_size: int = 28,
+    cache_dir: str | os.PathLike | None | Literal[False] = None,
+) -> Omniglot:
+    """Load the official splits (default both, background first) as 28x28 uint8, ink = 255.
+
+    ``root`` holds ``images_background.zip``/``images_evaluation.zip`` (default:
+    :func:`default_root`). ``cache_dir`` defaults to :func:`default_cache_dir`; ``False``
+    disables the cache.
+    """
+    root_p = Path(root).expanduser() if root is not None else default_root()
+    if cache_dir is False:
+        cdir = None
+    else:
+        cdir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    parts = []
+    for split in splits:
+        if split not in SPLITS:
+            raise DataError(f"Omniglot: split={split!r}; choose from {list(SPLITS)}")
+        parts.append(_load_split(_zip_path(root_p, split), split, image_size, cdir))
+    return Omniglot.cat(parts)
+
+
+def split_characters(data: Omniglot, protocol: Protocol, split: str) -> Omniglot:
+    """The characters of a meta-``split`` ("train"/"test") under ``protocol`` (module doc)."""
+    if split not in ("train", "test"):
+        raise TaskError(f"Omniglot: split={split!r}; choose 'train' or 'test'")
+    if protocol == "maml":
+        n = MAML_TRAIN_CHARACTERS
+        if len(data) <= n:
+            raise DataError(
+                f"Omniglot: the 'maml' protocol needs more than {n} characters (1623 in the "
+                f"official release) but the zips hold {len(data)}"
+            )
+        return data.subset(slice(0, n) if split == "train" else slice(n, None))
+    if protocol == "background":
+        want = "background" if split == "train" else "evaluation"
+        return data.subset([i for i, s in enumerate(data.splits) if s == want])
+    raise TaskError(f"Omniglot: protocol={protocol!r}; choose 'maml' or 'background'")
+
+
+# ------------------------------------------------------------------ download
+def download(root: str | os.PathLike, force: bool = False) -> Path:
+    """Fetch the official zips from GitHub into ``root`` and check what they contain.
+
+    The zips' md5s vary between copies, so the check is on the extracted contents: the
+    number of PNGs per split in the official layout (19,280 background, 13,180 evaluation).
+    """
+    root_p = Path(root).expanduser()
+    root_p.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        dest = _zip_path(root_p, split)
+        if dest.is_file() and not force:
+            continue
+        url = URL.format(split=split)
+        fd, tmp = tempfile.mkstemp(dir=root_p, suffix=".zip.part")
+        try:
+            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
+                shutil.copyfileobj(r, f)
+            try:
+                with zipfile.ZipFile(tmp) as zf:
+                    n = sum(len(v) for v in _list_characters(zf, Path(url), split).values())
+            except zipfile.BadZipFile as e:
+                raise DataError(f"Omniglot.download: {url} is not a zip ({e})") from e
+            if n != EXPECTED_PNGS[split]:
+                raise DataError(
+                    f"Omniglot.download: {url} holds {n} character PNGs; the official "
+                    f"{split} split has {EXPECTED_PNGS[split]}"
+                )
+            os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return root_p
+
+
+# ------------------------------------------------------------------ episodes
+class OmniglotTasks:
+    """Seeded N-way K-shot Omniglot episodes (see the module docstring for the protocols).
+
+    ``sample(T, generator)`` returns a :class:`TaskBatch` with ``support_x``
+    ``[T, n_way * k_shot, 1, 28, 28]`` float32 in ``[0, 1]`` (ink = 1), ``query_x``
+    ``[T, n_way * k_query, 1, 28, 28]``, integer labels in ``[0, n_way)`` and
+    ``info["classes"]`` ``[T, n_way]``: the split's class ids (``4 * char + rotation`` with
+    rotations, else the character index in the split). ``data`` skips loading (tests, reuse).
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        n_way: int = 5,
+        k_shot: int = 1,
+        k_query: int = 15,
+        protocol: Protocol = "maml",
+        root: str | os.PathLike | None = None,
+        rotations: bool = True,
+        data: Omniglot | None = None,
+    ):
+        if k_shot < 1:
+            raise TaskError(f"OmniglotTasks.k_shot={k_shot}; it must be >= 1")
+        if k_query < 1:
+            raise TaskError(f"OmniglotTasks.k_query={k_query}; it must be >= 1")
+        if k_shot + k_query > DRAWINGS:
+            raise TaskError(
+                f"OmniglotTasks: k_shot + k_query = {k_shot} + {k_query} = {k_shot + k_query}; "
+                f"each character has only {DRAWINGS} drawings, so k_shot + k_query must be "
+                f"<= {DRAWINGS}"
+            )
+        if n_way < 1:
+            raise TaskError(f"OmniglotTasks.n_way={n_way}; it must be >= 1")
+        if data is None:
+            data = load_omniglot(root)
+        chars = split_characters(data, protocol, split)
+        self.split = split
+        self.protocol = protocol
+        self.n_way = int(n_way)
+        self.k_shot = int(k_shot)
+        self.k_query = int(k_query)
+        self.rotations = bool(rotations)
+        self.characters = chars
+        images = torch.from_numpy(np.ascontiguousarray(chars.images))  # uint8 [C, 20, H, W]
+        if self.rotations:
+            # Class 4c + r = character c rotated by r * 90 degrees: precomputed once (uint8,
+            # 4x the split's size) so that sampling is a single row gather.
+            images = torch.stack([torch.rot90(images, r, dims=(-2, -1)) for r in range(4)], 1)
+            images = images.flatten(0, 1)
+        self.images = images.contiguous()  # uint8 [num_classes, 20, H, W], ink = 255
+        self.num_classes = int(self.images.shape[0])
+        if self.n_way > self.num_classes:
+            raise TaskError(
+                f"OmniglotTasks.n_way={n_way} but the {protocol!r} {split} split has only "
+                f"{self.num_classes} classes; use n_way <= {self.num_classes}"
+            )
+
+    def class_name(self, class_id: int) -> str:
+        """``"Alphabet/characterNN"`` plus the rotation, for plots and logs."""
+        c, r = divmod(int(class_id), 4) if self.rotations else (int(class_id), 0)
+        name = f"{self.characters.alphabets[c]}/{self.characters.names[c]}"
+        return name + (f"@rot{90 * r}" if self.rotations else "")
+
+    def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
+        """Draw ``num_tasks`` episodes (vectorised; the same generator state gives the same)."""
+        T, n, k, q = int(num_tasks), self.n_way, self.k_shot, self.k_query
+        if T < 1:
+            raise TaskError(f"OmniglotTasks.sample: num_tasks={num_tasks}; it must be >= 1")
+        g = generator
+        classes = torch.rand(T, self.num_classes, generator=g).topk(n, dim=1).indices  # [T, n]
+        draws = torch.rand(T, n, DRAWINGS, generator=g).argsort(-1)[..., : k + q]  # [T, n, k+q]
+        rows = (classes.unsqueeze(-1) * DRAWINGS + draws).flatten()
+        h, w = self.images.shape[-2:]
+        x = self.images.view(-1, h * w).index_select(0, rows)  # one gather of whole images
+        x = x.to(torch.float32).mul_(1.0 / 255.0).view(T, n, k + q, 1, h, w)
+        y = torch.arange(n).view(1, n, 1)
+        sy = y.expand(T, n, k).reshape(T, n * k)
+        qy = y.expand(T, n, q).reshape(T, n * q)
+        return TaskBatch(
+            support_x=x[:, :, :k].flatten(1, 2),
+            support_y=sy,
+            query_x=x[:, :, k:].flatten(1, 2),
+            query_y=qy,
+            n_way=n,
+            k_shot=k,
+            info={"classes": classes},
+        )

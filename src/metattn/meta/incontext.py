@@ -1,0 +1,295 @@
+"""In-context learning: a causal Transformer reads the support set as a prompt and predicts.
+
+Following Garg et al. (2022), "What can Transformers learn in-context?", a task's examples
+become the prompt ``x_1, y_1, x_2, y_2, ..., x_n, y_n``: each x is a token ``[x]`` and each
+y a token ``[y, 0, ..., 0]`` of the same width. A linear read-in, learned positional
+embeddings, a GPT-2-like pre-norm causal Transformer and a linear read-out give, at the
+token of ``x_i``, the prediction of ``y_i`` from ``(x_1, y_1, ..., x_{i-1}, y_{i-1}, x_i)``.
+Training minimises the squared error averaged over every position, so one prompt of n
+points trains every context size k = 0 .. n-1 at once. No weights change at test time: the
+forward pass over the prompt IS the learning.
+
+At evaluation, query points must not see one another: each query token attends to the
+support tokens and itself only (a block mask, with every query at the position that
+``x_{k+1}`` has), which equals running one prompt per query but costs one pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metattn.data.tasks import TaskBatch
+from metattn.errors import ConfigError, TaskError
+from metattn.meta.base import Learner, LossFn
+from metattn.nn.attention import MultiHeadAttention, TransformerEncoder, record_attention
+
+S = TypeVar("S")
+
+
+class ICLTransformer(nn.Module):
+    """GPT-2-like in-context regressor over interleaved (x, y) tokens (Garg et al. 2022).
+
+    Args:
+        d_x: input dimension d (1 for sinusoids).
+        d_y: output dimension (1 in the paper).
+        d_model, n_layers, n_heads, d_ff, dropout: the Transformer (Garg et al.'s standard
+            model is 256 x 12 layers x 8 heads).
+        max_points: longest prompt in (x, y) pairs; there are ``2 * max_points`` positions.
+    """
+
+    def __init__(
+        self,
+        d_x: int,
+        d_y: int = 1,
+        d_model: int = 256,
+        n_layers: int = 12,
+        n_heads: int = 8,
+        max_points: int = 101,
+        d_ff: int | None = None,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.d_x, self.d_y = int(d_x), int(d_y)
+        self.d_token = max(self.d_x, self.d_y)
+        self.max_points = int(max_points)
+        self.read_in = nn.Linear(self.d_token, d_model)
+        self.pos = nn.Parameter(torch.randn(2 * self.max_points, d_model) * 0.02)
+        self.encoder = TransformerEncoder(d_model, n_heads, n_layers, d_ff, dropout)
+        self.head = nn.Linear(d_model, self.d_y)
+
+    def _pad(self, t: torch.Tensor) -> torch.Tensor:
+        return F.pad(t, (0, self.d_token - t.shape[-1]))
+
+    def tokens(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        """``[B, n, d_x]``, ``[B, n, d_y]`` -> interleaved ``[B, 2n, d_token]``: x_1, y_1, ..."""
+        return torch.stack([self._pad(xs), self._pad(ys)], dim=2).flatten(1, 2)
+
+    def _check_len(self, n_points: int) -> None:
+        if n_points > self.max_points:
+            raise TaskError(
+                f"ICLTransformer: a prompt of {n_points} points exceeds max_points="
+                f"{self.max_points}; build the model with max_points >= {n_points} or use "
+                "fewer support points"
+            )
+
+    def forward(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        """Causal predictions ``[B, n, d_y]``: entry i predicts y_i from the pairs before it."""
+        n = xs.shape[1]
+        self._check_len(n)
+        h = self.read_in(self.tokens(xs, ys)) + self.pos[: 2 * n]
+        h = self.encoder(h, is_causal=True)
+        return self.head(h[:, 0::2])
+
+    def query_mask(self, k: int, q: int, device: torch.device | None = None) -> torch.Tensor:
+        """Boolean ``[2k + q, 2k + q]`` mask (True = may attend): causal over the 2k support
+        tokens, then each of the q query tokens sees the support tokens and itself."""
+        L = 2 * k + q
+        m = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+        m[2 * k :, 2 * k :] = torch.eye(q, dtype=torch.bool, device=device)
+        return m
+
+    def predict(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor
+    ) -> torch.Tensor:
+        """Predict every query ``[B, Q, d_x]`` from the support context alone -> ``[B, Q, d_y]``.
+
+        Queries share one pass but not information: query j attends to the 2k support tokens
+        and itself, at position 2k (that of x_{k+1}), exactly as in a prompt of its own.
+        """
+        k, q = support_x.shape[1], query_x.shape[1]
+        self._check_len(k + 1)
+        ctx = self.tokens(support_x, support_y)
+        seq = torch.cat([ctx, self._pad(query_x)], dim=1)
+        pos = torch.cat([self.pos[: 2 * k], self.pos[2 * k].expand(q, -1)], dim=0)
+        h = self.read_in(seq) + pos
+        h = self.encoder(h, mask=self.query_mask(k, q, seq.device))
+        return self.head(h[:, 2 * k :])
+
+
+@dataclass
+class QueryAttention:
+    """Attention of each query token over its context, per layer and head.
+
+    ``weights`` ``[T, layers, heads, Q, 2k + 1]``: over the tokens x_1, y_1, ..., x_k, y_k
+    and the query itself (the last column); each row sums to 1. ``per_example``
+    ``[T, layers, heads, Q, k]``: the weight on x_i plus the weight on y_i.
+    """
+
+    weights: torch.Tensor
+    per_example: torch.Tensor
+
+
+@dataclass
+class Curriculum:
+    """Garg et al.'s curriculum: every ``every`` outer steps, one more active input
+    coordinate (``d_start`` -> ``d_end``) and ``points_inc`` more prompt points
+    (``points_start`` -> ``points_end``). Defaults are the paper's for d = 20."""
+
+    d_start: int = 5
+    d_end: int = 20
+    d_inc: int = 1
+    points_start: int = 11
+    points_end: int = 41
+    points_inc: int = 2
+    every: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ConfigError(f"Curriculum.every={self.every}; it must be >= 1")
+        if not 1 <= self.d_start <= self.d_end:
+            raise ConfigError(
+                f"Curriculum: d_start={self.d_start}, d_end={self.d_end}; need "
+                "1 <= d_start <= d_end"
+            )
+        if not 2 <= self.points_start <= self.points_end:
+            raise ConfigError(
+                f"Curriculum: points_start={self.points_start}, points_end="
+                f"{self.points_end}; need 2 <= points_start <= points_end"
+            )
+
+    def __call__(self, step: int) -> tuple[int, int]:
+        """``(d_active, n_points)`` at outer step ``step``."""
+        stage = max(int(step), 0) // self.every
+        d = min(self.d_start + stage * self.d_inc, self.d_end)
+        n = min(self.points_start + stage * self.points_inc, self.points_end)
+        return d, n
+
+    def apply(self, sampler: S, step: int) -> S:
+        """A copy of a dataclass sampler with ``d_active`` and ``k_shot = n_points - k_query``
+        set for ``step`` (the samplers of :mod:`metattn.data.functions`)."""
+        d, n = self(step)
+        return dataclasses.replace(sampler, d_active=d, k_shot=max(n - sampler.k_query, 1))
+
+
+class InContextPredictor:
+    """The result of :meth:`InContextLearner.adapt`: a model conditioned on one support set."""
+
+    def __init__(self, model: ICLTransformer, support_x: torch.Tensor, support_y: torch.Tensor):
+        self.model = model
+        self.support_x = support_x
+        self.support_y = support_y
+
+    def __call__(self, query_x: torch.Tensor) -> torch.Tensor:
+        """``[Q, d_x]`` -> ``[Q, d_y]``; queries are predicted independently."""
+        with torch.no_grad():
+            return self.model.predict(self.support_x[None], self.support_y[None], query_x[None])[0]
+
+
+class InContextLearner(Learner):
+    """Attention as the learner: adaptation is a forward pass over the support prompt.
+
+    Args:
+        model: an :class:`ICLTransformer`.
+        loss_on: ``"all"`` (Garg et al.: squared error averaged over every prompt position,
+            so every context size trains) or ``"query"`` (only the query positions).
+        loss_fn: training loss ``f(pred, target)``; None = mean squared error.
+    """
+
+    def __init__(
+        self,
+        model: ICLTransformer,
+        loss_on: Literal["all", "query"] = "all",
+        loss_fn: LossFn | None = None,
+    ):
+        super().__init__()
+        if not isinstance(model, ICLTransformer):
+            raise ConfigError(
+                f"InContextLearner: model is a {type(model).__name__}; it needs an "
+                "ICLTransformer (model.kind: icl_transformer)"
+            )
+        if loss_on not in ("all", "query"):
+            raise ConfigError(f"InContextLearner: loss_on={loss_on!r}; choose 'all' or 'query'")
+        self.model = model
+        self.loss_on = loss_on
+        self.loss_fn = loss_fn
+
+    def _check(self, batch: TaskBatch) -> None:
+        if batch.n_way is not None:
+            raise TaskError(
+                "InContextLearner: got a classification batch (n_way set); it regresses "
+                "real-valued y: use regression tasks (n_way=None)"
+            )
+        m = self.model
+        for name, t, want in (("support_x", batch.support_x, m.d_x),
+                              ("support_y", batch.support_y, m.d_y)):
+            if t.dim() != 3 or t.shape[-1] != want:
+                raise TaskError(
+                    f"InContextLearner: TaskBatch.{name} has shape {tuple(t.shape)} but the "
+                    f"model expects [T, n, {want}]; build the model with "
+                    f"{'d_x' if name == 'support_x' else 'd_y'}={t.shape[-1]}"
+                )
+
+    def predict(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor
+    ) -> torch.Tensor:
+        """Batched predictor ``[T, k, d], [T, k, m], [T, Q, d] -> [T, Q, m]`` (k may be 0);
+        plugs into :func:`metattn.meta.baselines.error_vs_k`."""
+        return self.model.predict(support_x, support_y, query_x)
+
+    def meta_loss(
+        self, batch: TaskBatch, loss_fn: LossFn | None = None, step: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Support and query points of each task form one prompt; the loss averages the
+        squared error over every position (``loss_on="all"``) or the query positions.
+
+        Metrics: ``loss`` (MSE over the query positions, each seeing the support set and the
+        earlier queries), ``loss_all`` (MSE over every position). ``step`` is unused: the
+        curriculum acts on the sampler (:class:`Curriculum`).
+        """
+        self._check(batch)
+        loss_fn = loss_fn or self.loss_fn or F.mse_loss
+        k = batch.support_x.shape[1]
+        xs = torch.cat([batch.support_x, batch.query_x], 1)
+        ys = torch.cat([batch.support_y, batch.query_y], 1)
+        pred = self.model(xs, ys)
+        if self.loss_on == "all":
+            loss = loss_fn(pred, ys)
+        else:
+            loss = loss_fn(pred[:, k:], ys[:, k:])
+        with torch.no_grad():
+            metrics = {
+                "loss": F.mse_loss(pred[:, k:], ys[:, k:]).detach(),
+                "loss_all": F.mse_loss(pred, ys).detach(),
+            }
+        return loss, metrics
+
+    def evaluate(self, batch: TaskBatch, loss_fn: LossFn | None = None) -> dict[str, torch.Tensor]:
+        """Per-task query loss ``[T]`` given the support set as context (queries independent)."""
+        self._check(batch)
+        with torch.no_grad():
+            pred = self.model.predict(batch.support_x, batch.support_y, batch.query_x)
+            if loss_fn is None:
+                loss = (pred - batch.query_y).pow(2).flatten(1).mean(1)
+            else:
+                loss = torch.stack([loss_fn(pred[t], batch.query_y[t])
+                                    for t in range(batch.num_tasks)])
+        return {"loss": loss}
+
+    def adapt(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, loss_fn: LossFn | None = None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Condition on one task's support set ``[k, d]``, ``[k, m]`` (no weight update)."""
+        return InContextPredictor(self.model, support_x, support_y)
+
+    def query_attention(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor
+    ) -> QueryAttention:
+        """Attention weights of each query over its context examples (batched, ``[T, ...]``)."""
+        k = support_x.shape[1]
+        mine = {id(mod) for mod in self.model.encoder.modules()
+                if isinstance(mod, MultiHeadAttention)}
+        with torch.no_grad(), record_attention() as rec:
+            self.model.predict(support_x, support_y, query_x)
+        w = torch.stack([a for mod, a in rec if id(mod) in mine], dim=1)  # [T, layers, H, L, L]
+        rows = w[..., 2 * k :, :]  # the query rows [T, layers, H, Q, L]
+        own = rows[..., 2 * k :].diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
+        weights = torch.cat([rows[..., : 2 * k], own], dim=-1)
+        per_example = weights[..., : 2 * k].unflatten(-1, (k, 2)).sum(-1)
+        return QueryAttention(weights, per_example)

@@ -1,0 +1,62 @@
+"""Evaluation tables shared by the demo and the benchmark scripts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from metattn.data.synthetic import SinusoidTasks
+from metattn.data.tasks import fixed_episodes, mean_ci95
+
+
+def sinusoid_mse_vs_shots(
+    learner: Any,
+    shots: Sequence[int] = (5, 10, 20),
+    steps: Sequence[int] = (1, 10),
+    episodes: int = 600,
+    seed: int = 20240,
+    k_query: int = 100,
+) -> dict[int, dict[int, tuple[float, float]]]:
+    """Test MSE (mean, 95% CI) on a fixed seeded set of sinusoid tasks for each K and step count.
+
+    ``learner`` is a MAML-family learner (``evaluate(batch, steps=...)`` gives per-step losses)
+    or any learner whose ``evaluate`` adapts by a forward pass (then every step count shows
+    the same number).
+    """
+    p = next(learner.parameters())
+    out: dict[int, dict[int, tuple[float, float]]] = {}
+    for k in shots:
+        eps = fixed_episodes(SinusoidTasks(k_shot=k, k_query=k_query), episodes, seed + k)
+        per_step: dict[int, list[torch.Tensor]] = {s: [] for s in steps}
+        for b in eps:
+            b = b.to(p.device, p.dtype)
+            if hasattr(learner, "eval_inner_steps"):
+                curve = learner.evaluate(b, steps=max(steps))["loss_per_step"]
+                for s in steps:
+                    per_step[s].append(curve[:, s].float().cpu())
+            else:
+                loss = learner.evaluate(b)["loss"].float().cpu()
+                for s in steps:
+                    per_step[s].append(loss)
+        out[k] = {s: mean_ci95(torch.cat(v)) for s, v in per_step.items()}
+    return out
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+                console: Console | None = None) -> None:
+    """Print a table with rich (plain text when not on a terminal)."""
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(str(c), justify="right" if c != columns[0] else "left")
+    for r in rows:
+        table.add_row(*[str(x) for x in r])
+    (console or Console(width=140)).print(table)
+
+
+def fmt(mean: float, ci: float, digits: int = 3) -> str:
+    """``0.123 ± 0.010``."""
+    return f"{mean:.{digits}f} ± {ci:.{digits}f}"

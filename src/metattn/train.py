@@ -1,0 +1,454 @@
+"""The recipe: meta-train a learner from a config, evaluate it, checkpoint, resume.
+
+Read it top to bottom: :func:`train` is the whole loop. It is the only place that knows about
+processes and devices. Under ``torchrun`` every rank draws the SAME meta-batch from the same
+seeded stream and keeps its own slice of tasks, and DistributedDataParallel all-reduces the
+meta-gradients, so a run is the same on 1 or N processes and resumes on any number of them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from metattn import checkpoint, registry
+from metattn.config import RunConfig, dump
+from metattn.data.tasks import TaskBatch, fixed_episodes, mean_ci95
+from metattn.errors import CheckpointError, ConfigError, MetattnError
+from metattn.meta.base import Learner
+
+# Keys that may differ between a run and its resumption (they do not change the maths).
+RESUMABLE_KEYS = {"train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
+                  "train.progress", "train.tensorboard", "train.target", "eval.episodes",
+                  "train.eval_episodes", "eval.chunk"}
+
+
+class TrainingError(MetattnError, RuntimeError):
+    """Meta-training cannot go on (a non-finite meta-loss, say); saved work is kept."""
+
+
+# ---------------------------------------------------------------------- processes and devices
+def setup_distributed() -> tuple[int, int, int]:
+    """Join the torchrun process group if there is one: (rank, world_size, local_rank)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> the local rank's GPU when CUDA is available, else the CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available; use auto or cpu")
+    return dev
+
+
+# ---------------------------------------------------------------------- building blocks
+def build(cfg: RunConfig, device: torch.device) -> tuple[Any, Any, Learner]:
+    """Train sampler, test sampler and learner (with its model) from the config."""
+    torch.manual_seed(cfg.seed)
+    train_tasks = registry.build("task", cfg.task, "train")
+    test_tasks = registry.build("task", cfg.test_task_spec(), "test")
+    model = registry.build("model", cfg.model)
+    learner = registry.build("learner", cfg.learner, model)
+    dtype = getattr(torch, cfg.train.dtype)
+    return train_tasks, test_tasks, learner.to(device=device, dtype=dtype)
+
+
+def evaluate(learner: Learner, episodes: list[TaskBatch], device: torch.device,
+             dtype: torch.dtype) -> dict[str, Any]:
+    """Mean and 95% CI of every per-task metric over a fixed list of episode batches."""
+    per_task: dict[str, list[torch.Tensor]] = {}
+    was_training = learner.training
+    for b in episodes:
+        out = learner.evaluate(b.to(device, dtype))
+        for k, v in out.items():
+            per_task.setdefault(k, []).append(v.detach().float().cpu())
+    learner.train(was_training)
+    res: dict[str, Any] = {"episodes": sum(b.num_tasks for b in episodes)}
+    for k, vs in per_task.items():
+        v = torch.cat(vs)
+        if v.dim() == 1:
+            res[k], res[f"{k}_ci95"] = mean_ci95(v)
+        else:  # per-step curves [T, steps + 1]
+            res[k] = [mean_ci95(v[:, i])[0] for i in range(v.shape[1])]
+            res[f"{k}_ci95"] = [mean_ci95(v[:, i])[1] for i in range(v.shape[1])]
+    return res
+
+
+def headline(result: dict[str, Any], n_way: int | None) -> tuple[str, float, float]:
+    """The metric a run is judged by: accuracy for classification, else loss (MSE)."""
+    key = "accuracy" if n_way is not None and "accuracy" in result else "loss"
+    return key, float(result[key]), float(result[f"{key}_ci95"])
+
+
+def make_optimizer(cfg: RunConfig, learner: Learner):
+    t = cfg.train
+    params = [p for p in learner.parameters() if p.requires_grad]
+    if t.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+    elif t.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
+        if t.schedule == "cosine" and t.steps > 0:
+            return warm * 0.5 * (1 + math.cos(math.pi * min(step / t.steps, 1.0)))
+        return warm
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = set(a) | set(b)
+    out = []
+    for k in sorted(keys):
+        path = f"{prefix}{k}"
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _config_diff(va, vb, path + ".")
+        elif va != vb and path not in RESUMABLE_KEYS:
+            out.append(f"{path}: {va!r} -> {vb!r}")
+    return out
+
+
+class _Logger:
+    """metrics.jsonl (+ TensorBoard when installed), written by rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.is_file():
+            # Drop what was logged after the checkpoint we resume from: the log then reads as
+            # one uninterrupted run.
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            checkpoint.atomic_write_bytes(self.path, "".join(k + "\n" for k in keep).encode())
+        elif resume_step is None:
+            self.path.unlink(missing_ok=True)
+        self.f = self.path.open("a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:  # tensorboard is an optional extra
+                self.tb = None
+
+    def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        rec = {"kind": kind, "step": step, **values}
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.f.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+class _Progress:
+    """A rich progress bar on rank 0 (quiet when disabled or not on a terminal)."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.bar = None
+        if not enabled:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(TextColumn("[bold]meta-train"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TimeRemainingColumn(),
+                            TextColumn("{task.fields[info]}"), transient=False)
+        self.bar.start()
+        self.task = self.bar.add_task("train", total=total, completed=start, info="")
+
+    def update(self, step: int, info: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+
+    def print(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(msg)
+        else:
+            print(msg, flush=True)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# ---------------------------------------------------------------------- the recipe
+def train(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    callbacks: list[Callable[[int, dict[str, float]], None]] | None = None,
+) -> dict[str, Any]:
+    """Meta-train ``cfg`` into ``out_dir``; returns the summary (also in summary.json).
+
+    ``callbacks`` are called as ``cb(step, metrics)`` after each completed meta-step.
+    """
+    rank, world, local_rank = setup_distributed()
+    is_main = rank == 0
+    device = pick_device(cfg.train.device, local_rank)
+    dtype = getattr(torch, cfg.train.dtype)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+    if cfg.train.meta_batch % world:
+        raise ConfigError(f"train.meta_batch={cfg.train.meta_batch} does not split over "
+                          f"{world} processes; use a multiple of {world}")
+    run_dir = Path(out_dir)
+    ckpt_path = run_dir / checkpoint.WEIGHTS
+
+    # --- the run directory: new, or resumed
+    if is_main:
+        if ckpt_path.exists() and not resume:
+            raise CheckpointError(
+                f"{str(run_dir)!r} already holds a run; pass --resume to continue it, or "
+                "--out NEW_DIR to start a new one (nothing was overwritten)")
+        if resume and (run_dir / "config.yaml").is_file():
+            import yaml
+
+            saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+            diff = _config_diff(saved, cfg.to_dict())
+            if diff:
+                raise ConfigError(
+                    "--resume: the config differs from the run's config.yaml in "
+                    f"{diff}; only {sorted(RESUMABLE_KEYS)} may change when resuming")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_bytes(run_dir / "config.yaml", dump(cfg).encode())
+
+    train_tasks, test_tasks, learner = build(cfg, device)
+    opt, sched = make_optimizer(cfg, learner)
+    gen = torch.Generator().manual_seed(cfg.seed)  # the task stream, identical on every rank
+    start, elapsed, best = 0, 0.0, None
+    if resume:
+        if not ckpt_path.exists():
+            raise CheckpointError(f"--resume: no checkpoint in {str(run_dir)!r}; "
+                                  "start without --resume")
+        tensors, state = checkpoint.load(run_dir)
+        checkpoint.restore(tensors, state, learner, opt)
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(tensors["extra/task_generator"])
+        torch.set_rng_state(tensors["extra/torch_rng"])
+        start, elapsed, best = state["step"], state["seconds"], state.get("best")
+
+    model = learner
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            learner, device_ids=[device.index] if device.type == "cuda" else None)
+
+    eval_sets = {"periodic": fixed_episodes(test_tasks, cfg.train.eval_episodes, cfg.eval.seed,
+                                            cfg.eval.chunk)}
+    logger = _Logger(run_dir, is_main, cfg.train.tensorboard, start if resume else None)
+    progress = _Progress(is_main and cfg.train.progress, cfg.train.steps, start)
+    n_way = None
+    per_rank = cfg.train.meta_batch // world
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.autocast)
+
+    def save(step: int) -> None:
+        if not is_main:
+            return
+        for n, p in learner.named_parameters():
+            if not torch.isfinite(p).all():
+                raise TrainingError(f"parameter {n} is not finite at step {step}; the last "
+                                    f"good checkpoint in {str(run_dir)!r} is kept")
+        checkpoint.save(run_dir, learner, opt,
+                        {"step": step, "seconds": elapsed, "best": best,
+                         "scheduler": sched.state_dict(), "config": cfg.to_dict(),
+                         "torch": torch.__version__},
+                        {"task_generator": gen.get_state(), "torch_rng": torch.get_rng_state()})
+
+    # Ctrl-C: finish the current step, checkpoint, then stop (a second Ctrl-C stops at once).
+    stop_requested = False
+
+    def on_sigint(signum, frame):
+        nonlocal stop_requested
+        if stop_requested:
+            raise KeyboardInterrupt
+        stop_requested = True
+
+    old_handler = None
+    try:
+        old_handler = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread
+        pass
+
+    if is_main:
+        n_params = sum(p.numel() for p in learner.parameters())
+        progress.print(f"[metattn] {cfg.name}: {type(learner).__name__} on {device} "
+                       f"({n_params:,} parameters), {world} process(es), steps {start}->"
+                       f"{cfg.train.steps}, out {run_dir}")
+    window: dict[str, list[torch.Tensor]] = {}
+    t_window, tasks_window = time.perf_counter(), 0
+    step = start
+    try:
+        while step < cfg.train.steps and not stop_requested:
+            t0 = time.perf_counter()
+            if hasattr(train_tasks, "set_step"):  # curricula (e.g. in-context learning)
+                train_tasks.set_step(step)
+            batch = train_tasks.sample(cfg.train.meta_batch, gen)
+            n_way = batch.n_way
+            batch = batch.slice(rank * per_rank, (rank + 1) * per_rank).to(device, dtype)
+            learner.train()
+            with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+                loss, metrics = model(batch, None, step)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"meta-loss is {loss.item()} at step {step}; the last checkpoint in "
+                    f"{str(run_dir)!r} is kept. Lower train.lr or the learner's inner_lr, or "
+                    "set train.grad_clip")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(learner.parameters(), cfg.train.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            elapsed += time.perf_counter() - t0
+            tasks_window += cfg.train.meta_batch
+            for k, v in metrics.items():
+                window.setdefault(k, []).append(v)
+
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                now = time.perf_counter()
+                vals = {k: float(torch.stack(v).float().mean()) for k, v in window.items()}
+                vals["tasks_per_s"] = tasks_window / max(now - t_window, 1e-9)
+                vals["lr"] = sched.get_last_lr()[0]
+                vals["seconds"] = elapsed
+                logger.log("train", step, vals)
+                info = "  ".join(f"{k} {vals[k]:.4g}" for k in ("loss", "accuracy") if k in vals)
+                progress.update(step, f"{info}  {vals['tasks_per_s']:.0f} tasks/s")
+                window, t_window, tasks_window = {}, now, 0
+                for cb in callbacks or []:
+                    cb(step, vals)
+
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 \
+                    and step < cfg.train.steps:
+                res = evaluate(learner, eval_sets["periodic"], device, dtype)
+                key, mean, ci = headline(res, n_way)
+                logger.log("eval", step, {k: v for k, v in res.items()
+                                          if not isinstance(v, list)})
+                progress.print(f"  step {step}: test {key} {mean:.4f} ± {ci:.4f} "
+                               f"({res['episodes']} episodes)")
+                better = best is None or (mean > best if key == "accuracy" else mean < best)
+                best = mean if better else best
+                if cfg.train.target is not None and (
+                        mean >= cfg.train.target if key == "accuracy"
+                        else mean <= cfg.train.target):
+                    progress.print(f"  target {cfg.train.target} reached at step {step}")
+                    save(step)
+                    break
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                save(step)
+        else:
+            if step > start or not ckpt_path.exists():
+                save(step)
+        if stop_requested:
+            progress.print(f"[metattn] interrupted: checkpoint at step {step} in {run_dir}; "
+                           "continue with --resume")
+    finally:
+        progress.stop()
+        logger.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+
+    if stop_requested:
+        raise KeyboardInterrupt
+    summary = final_evaluation(cfg, learner, test_tasks, run_dir, device, dtype, n_way,
+                               step, elapsed, write=is_main)
+    if is_main:
+        from metattn.plots import training_curves
+
+        training_curves(run_dir / "metrics.jsonl", run_dir / "training.png")
+        plot = getattr(test_tasks, "plot", None)
+        if plot is not None:
+            plot(learner, run_dir / "adaptation.png", seed=cfg.eval.seed)
+    return summary
+
+
+def final_evaluation(cfg: RunConfig, learner: Learner, test_tasks: Any, run_dir: Path,
+                     device: torch.device, dtype: torch.dtype, n_way: int | None, step: int,
+                     seconds: float, write: bool = True, episodes: int | None = None
+                     ) -> dict[str, Any]:
+    """Evaluate on the fixed seeded test episodes and write ``summary.json``."""
+    n = episodes or cfg.eval.episodes
+    res = evaluate(learner, fixed_episodes(test_tasks, n, cfg.eval.seed, cfg.eval.chunk),
+                   device, dtype)
+    if n_way is None:
+        n_way = test_tasks.sample(1, torch.Generator().manual_seed(0)).n_way
+    key, mean, ci = headline(res, n_way)
+    summary = {
+        "name": cfg.name,
+        "metric": key,
+        "mean": mean,
+        "ci95": ci,
+        "episodes": res["episodes"],
+        "steps": step,
+        "seconds": round(seconds, 2),
+        "learner": cfg.learner.get("kind"),
+        "eval_inner_steps": getattr(learner, "eval_inner_steps", None),
+        "device": str(device),
+        "torch": torch.__version__,
+        "results": res,
+    }
+    if write:
+        name = "summary.json" if episodes is None else "eval.json"
+        checkpoint.atomic_write_bytes(run_dir / name, json.dumps(summary, indent=1).encode())
+    return summary
+
+
+def evaluate_run(run_dir: str | Path, episodes: int | None = None) -> dict[str, Any]:
+    """Re-evaluate a run directory's checkpoint; writes ``eval.json``."""
+    from metattn.config import load
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{str(run_dir)!r} has no config.yaml; is it a metattn run "
+                              "directory (metattn train ... --out DIR)?")
+    cfg = load(cfg_path)
+    device = pick_device(cfg.train.device)
+    dtype = getattr(torch, cfg.train.dtype)
+    _, test_tasks, learner = build(cfg, device)
+    tensors, state = checkpoint.load(run_dir)
+    checkpoint.restore(tensors, state, learner)
+    return final_evaluation(cfg, learner, test_tasks, run_dir, device, dtype, None,
+                            state["step"], state["seconds"],
+                            episodes=episodes or cfg.eval.episodes)

@@ -1,0 +1,293 @@
+"""In-context learners: function-class samplers, non-learned baselines, the ICL Transformer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from metattn.data.functions import DecisionTreeTasks, LinearTasks, ReLUNetTasks
+from metattn.data.synthetic import SinusoidTasks
+from metattn.errors import TaskError
+from metattn.meta.baselines import (
+    BASELINES,
+    averaging,
+    error_vs_k,
+    lasso,
+    least_squares,
+    nearest_neighbours,
+    ridge,
+)
+from metattn.meta.incontext import Curriculum, ICLTransformer, InContextLearner
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Small batched kernels are far slower with 2 OpenMP threads on a shared 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+SAMPLERS = [
+    LinearTasks(d=6, k_shot=9, k_query=3),
+    LinearTasks(d=6, k_shot=9, k_query=3, sparsity=2, noise_std=0.1),
+    ReLUNetTasks(d=6, hidden=20, k_shot=9, k_query=3),
+    DecisionTreeTasks(d=6, depth=4, k_shot=9, k_query=3),
+]
+
+
+# ------------------------------------------------------------------ samplers
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda s: type(s).__name__)
+def test_sampler_shapes_seed_and_function(sampler):
+    b = sampler.sample(5, gen(0))
+    assert b.support_x.shape == (5, 9, 6) and b.support_y.shape == (5, 9, 1)
+    assert b.query_x.shape == (5, 3, 6) and b.query_y.shape == (5, 3, 1)
+    assert all(v.shape[0] == 5 for v in b.info.values())
+    again = sampler.sample(5, gen(0))
+    other = sampler.sample(5, gen(1))
+    for name in ("support_x", "support_y", "query_x", "query_y"):
+        assert torch.equal(getattr(b, name), getattr(again, name))
+        assert not torch.allclose(getattr(b, name), getattr(other, name))
+    # y is the function stored in info, on support and query alike
+    x = torch.cat([b.support_x, b.query_x], 1)
+    y = torch.cat([b.support_y, b.query_y], 1)
+    noise = sampler.noise_std
+    err = (sampler.function(x, b.info) - y).abs().max()
+    assert err < 1e-5 if noise == 0 else 1e-3 < err < 10 * noise
+    # varying k
+    assert sampler.sample(2, gen(0), k_shot=4).support_x.shape == (2, 4, 6)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda s: type(s).__name__)
+def test_d_active_zeroes_inactive_coordinates(sampler):
+    b = sampler.sample(50, gen(0), d_active=2)
+    x = torch.cat([b.support_x, b.query_x], 1)
+    assert (x[..., 2:] == 0).all() and (x[..., :2] != 0).all()
+    assert (b.info["d_active"] == 2).all()
+    if "w" in b.info:
+        assert (b.info["w"][:, 2:] == 0).all()
+    if "split_coord" in b.info:
+        assert int(b.info["split_coord"].max()) < 2
+
+
+def test_sparse_linear_has_s_nonzero_weights():
+    b = LinearTasks(d=10, k_shot=5, sparsity=3).sample(200, gen(0))
+    assert ((b.info["w"] != 0).sum(1) == 3).all()
+    # the support of w is spread over the coordinates, not always the first s
+    assert ((b.info["w"] != 0).sum(0) > 0).all()
+    dense = LinearTasks(d=10, k_shot=5).sample(200, gen(0))
+    assert ((dense.info["w"] != 0).sum(1) == 10).all()
+
+
+def test_relu_net_and_tree_match_reference_implementations():
+    b = ReLUNetTasks(d=4, hidden=7, k_shot=5).sample(3, gen(0))
+    for t in range(3):
+        x = b.support_x[t]
+        ref = math.sqrt(2 / 7) * torch.relu(x @ b.info["W1"][t]) @ b.info["W2"][t]
+        torch.testing.assert_close(b.support_y[t, :, 0], ref)
+
+    tree = DecisionTreeTasks(d=5, depth=4, k_shot=20)
+    b = tree.sample(4, gen(1))
+    for t in range(4):
+        coord, leaves = b.info["split_coord"][t].tolist(), b.info["leaf_value"][t]
+        for i in range(20):
+            x, node = b.support_x[t, i].tolist(), 0
+            while node < len(coord):  # heap-ordered internal nodes
+                node = 2 * node + (2 if x[coord[node]] > 0 else 1)
+            assert float(b.support_y[t, i, 0]) == float(leaves[node - len(coord)])
+    # 16 leaves, different points reach different leaves
+    assert len(torch.unique(b.support_y[0])) > 3
+
+
+def test_sampler_rejects_bad_options():
+    with pytest.raises(TaskError, match="d_active"):
+        LinearTasks(d=5, d_active=6)
+    with pytest.raises(TaskError, match="sparsity"):
+        LinearTasks(d=5, sparsity=0)
+
+
+# ------------------------------------------------------------------ baselines
+def test_least_squares_is_exact_for_noiseless_k_at_least_d():
+    curve = error_vs_k(least_squares, LinearTasks(d=8), ks=[8, 12, 20], n_prompts=1000, seed=0)
+    assert max(curve.mean) < 1e-8
+    # and the direct call recovers held-out points of each task
+    b = LinearTasks(d=8, k_shot=10, k_query=5).sample(100, gen(3))
+    pred = least_squares(b.support_x, b.support_y, b.query_x)
+    assert (pred - b.query_y).abs().max() < 1e-4
+
+
+def test_least_squares_error_is_one_minus_k_over_d_below_d():
+    d, ks = 10, [0, 2, 5, 8]
+    curve = error_vs_k(least_squares, LinearTasks(d=d), ks=ks, n_prompts=2000, seed=1)
+    for k, m, ci in zip(curve.ks, curve.mean, curve.ci95, strict=True):
+        assert abs(m - (1 - k / d)) < 2 * ci, (k, m, ci)
+    again = error_vs_k(least_squares, LinearTasks(d=d), ks=ks, n_prompts=2000, seed=1)
+    assert again.mean == curve.mean  # a fixed seeded prompt set
+    other = error_vs_k(least_squares, LinearTasks(d=d), ks=ks, n_prompts=2000, seed=2)
+    assert other.mean != curve.mean
+    assert set(curve.as_dict()) == set(ks)
+
+
+def test_other_baselines():
+    b = LinearTasks(d=5, k_shot=12, k_query=4).sample(20, gen(0))
+    sx, sy, qx = b.support_x, b.support_y, b.query_x
+    for f in BASELINES.values():
+        assert f(sx, sy, qx).shape == (20, 4, 1)
+        assert (f(sx[:, :0], sy[:, :0], qx) == 0).all()  # no context: the prior mean
+    # ridge -> least squares as lam -> 0; more shrinkage as lam grows
+    torch.testing.assert_close(ridge(sx, sy, qx, lam=1e-9), least_squares(sx, sy, qx))
+    assert ridge(sx, sy, qx, lam=1e3).abs().mean() < 0.2 * least_squares(sx, sy, qx).abs().mean()
+    # averaging: x . mean_i(y_i x_i)
+    w = (sx * sy).mean(1)  # [T, d]
+    torch.testing.assert_close(averaging(sx, sy, qx)[..., 0], (qx * w[:, None]).sum(-1))
+    # 3-NN by brute force
+    nn3 = nearest_neighbours(sx, sy, qx)
+    for t in range(3):
+        for q in range(4):
+            idx = (sx[t] - qx[t, q]).norm(dim=-1).argsort()[:3]
+            torch.testing.assert_close(nn3[t, q, 0], sy[t, idx, 0].mean())
+    # Lasso beats least squares on sparse weights with fewer examples than dimensions
+    sparse = LinearTasks(d=10, sparsity=2)
+    las = error_vs_k(lasso, sparse, ks=[6], n_prompts=1000, seed=0).mean[0]
+    ls = error_vs_k(least_squares, sparse, ks=[6], n_prompts=1000, seed=0).mean[0]
+    assert las < 0.5 * ls
+    # Lasso's FISTA solution satisfies the optimality condition |grad| <= alpha off-support
+    alpha = 0.05
+    bl = LinearTasks(d=6, k_shot=20, k_query=6).sample(10, gen(5))
+    eye = torch.eye(6).expand(10, 6, 6)
+    w_hat = lasso(bl.support_x, bl.support_y, eye, alpha=alpha, iters=3000).double()
+    x, y = bl.support_x.double(), bl.support_y.double()
+    grad = x.transpose(1, 2) @ (x @ w_hat - y) / 20
+    assert grad.abs().max() < alpha + 1e-3
+
+
+# ------------------------------------------------------------------ ICL Transformer
+def tiny(d: int = 3, max_points: int = 12, seed: int = 0) -> ICLTransformer:
+    torch.manual_seed(seed)
+    return ICLTransformer(d, d_model=32, n_layers=2, n_heads=4, max_points=max_points)
+
+
+def test_causal_mask_blocks_later_tokens():
+    model = tiny().eval()
+    g = gen(0)
+    xs, ys = torch.randn(2, 8, 3, generator=g), torch.randn(2, 8, 1, generator=g)
+    base = model(xs, ys)
+    assert base.shape == (2, 8, 1)
+    j = 4
+    ys2 = ys.clone()
+    ys2[:, j] += 3.0
+    out = model(xs, ys2)
+    # prediction i sees y_1..y_{i-1}: changing y_j leaves predictions 0..j untouched ...
+    torch.testing.assert_close(out[:, : j + 1], base[:, : j + 1], rtol=0, atol=1e-6)
+    # ... and changes every later one
+    assert ((out[:, j + 1 :] - base[:, j + 1 :]).abs() > 1e-4).all()
+    xs2 = xs.clone()
+    xs2[:, j] += 3.0
+    out = model(xs2, ys)
+    torch.testing.assert_close(out[:, :j], base[:, :j], rtol=0, atol=1e-6)
+    assert ((out[:, j:] - base[:, j:]).abs() > 1e-4).all()
+
+
+def test_queries_are_independent_and_match_one_prompt_each():
+    model = tiny().eval()
+    b = LinearTasks(d=3, k_shot=5, k_query=4).sample(3, gen(1))
+    pred = model.predict(b.support_x, b.support_y, b.query_x)
+    assert pred.shape == (3, 4, 1)
+    for j in range(4):
+        xs = torch.cat([b.support_x, b.query_x[:, j : j + 1]], 1)
+        ys = torch.cat([b.support_y, b.query_y[:, j : j + 1]], 1)
+        torch.testing.assert_close(pred[:, j], model(xs, ys)[:, -1], rtol=0, atol=1e-5)
+    qx = b.query_x.clone()
+    qx[:, 1:] += 5.0  # other queries change: query 0's prediction must not
+    moved = model.predict(b.support_x, b.support_y, qx)
+    torch.testing.assert_close(moved[:, 0], pred[:, 0], rtol=0, atol=1e-6)
+    assert ((moved[:, 1:] - pred[:, 1:]).abs() > 1e-4).all()
+    # adapt = the same predictions for one task; evaluate = their per-task MSE
+    learner = InContextLearner(model)
+    torch.testing.assert_close(learner.adapt(b.support_x[0], b.support_y[0])(b.query_x[0]),
+                               pred[0])
+    torch.testing.assert_close(learner.evaluate(b)["loss"],
+                               (pred - b.query_y).pow(2).mean((1, 2)))
+
+
+def test_attention_rows_over_context_sum_to_one():
+    learner = InContextLearner(tiny())
+    b = LinearTasks(d=3, k_shot=5, k_query=4).sample(2, gen(2))
+    att = learner.query_attention(b.support_x, b.support_y, b.query_x)
+    assert att.weights.shape == (2, 2, 4, 4, 11)  # [T, layers, heads, Q, 2k + 1]
+    assert att.per_example.shape == (2, 2, 4, 4, 5)
+    torch.testing.assert_close(att.weights.sum(-1), torch.ones(2, 2, 4, 4))
+    torch.testing.assert_close(att.per_example.sum(-1) + att.weights[..., -1],
+                               torch.ones(2, 2, 4, 4))
+    assert (att.weights >= 0).all() and (att.weights[..., :-1] > 0).any()
+
+
+def test_training_lowers_in_context_error_on_held_out_prompts():
+    d = 3
+    learner = InContextLearner(tiny(d, max_points=2 * d + 1))
+    train = LinearTasks(d=d, k_shot=2 * d, k_query=1)
+    held_out = train.sample(1000, gen(123))
+    before = learner.evaluate(held_out)["loss"].mean().item() / d
+    opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    g = gen(1)
+    for step in range(300):
+        loss, metrics = learner.meta_loss(train.sample(64, g), step=step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert set(metrics) >= {"loss", "loss_all"}
+    after = learner.evaluate(held_out)["loss"].mean().item() / d
+    assert before > 0.9  # untrained: about the zero predictor's error of 1
+    assert after < before - 0.12, (before, after)
+
+
+def test_learner_on_sinusoids_and_errors():
+    model = ICLTransformer(1, d_model=16, n_layers=1, n_heads=2, max_points=20)
+    learner = InContextLearner(model)
+    b = SinusoidTasks(k_shot=5, k_query=5).sample(4, gen(0))
+    loss, metrics = learner.meta_loss(b)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+    assert learner.evaluate(b)["loss"].shape == (4,)
+    assert learner.adapt(b.support_x[0], b.support_y[0])(b.query_x[0]).shape == (5, 1)
+    with pytest.raises(TaskError, match="d_x=3"):
+        learner.evaluate(LinearTasks(d=3, k_shot=2).sample(2, gen(0)))
+    with pytest.raises(TaskError, match="max_points"):
+        learner.evaluate(SinusoidTasks(k_shot=20, k_query=1).sample(2, gen(0)))
+    # error_vs_k takes the learner's batched predictor, k = 0 included
+    curve = error_vs_k(learner.predict, SinusoidTasks(), ks=[0, 3], n_prompts=50, seed=0)
+    assert all(math.isfinite(m) for m in curve.mean)
+
+
+def test_curriculum_schedule():
+    cur = Curriculum(every=100)
+    assert cur(0) == (5, 11) and cur(99) == (5, 11) and cur(100) == (6, 13)
+    assert cur(10**6) == (20, 41)
+    s = cur.apply(LinearTasks(d=20), 250)
+    assert (s.d_active, s.k_shot, s.k_query) == (7, 14, 1)
+    b = s.sample(3, gen(0))
+    assert b.support_x.shape == (3, 14, 20) and (b.support_x[..., 7:] == 0).all()
+
+
+def test_builders_are_registered():
+    import metattn.builders_icl  # noqa: F401
+    from metattn.registry import build
+
+    task = build("task", {"kind": "linear", "d": 4, "k_shot": 8, "sparsity": 2}, "train")
+    assert isinstance(task, LinearTasks) and task.sparsity == 2
+    assert isinstance(build("task", {"kind": "relu_net", "d": 4}, "test"), ReLUNetTasks)
+    assert isinstance(build("task", {"kind": "decision_tree", "depth": 3}, "test"),
+                      DecisionTreeTasks)
+    model = build("model", {"kind": "icl_transformer", "d_x": 4, "d_model": 16, "n_layers": 1,
+                            "n_heads": 2, "max_points": 9})
+    learner = build("learner", {"kind": "incontext", "loss_on": "query"}, model)
+    assert isinstance(learner, InContextLearner) and learner.loss_on == "query"
+    loss, _ = learner.meta_loss(task.sample(2, gen(0)))
+    assert torch.isfinite(loss)

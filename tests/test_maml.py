@@ -1,0 +1,284 @@
+"""The MAML family: exact meta-gradients, vmap == loop, options of one inner loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import KINDS, make, meta_grad
+from torch import nn
+
+import metattn as mt
+from metattn.errors import ConfigError, InnerLoopError, TaskError
+
+
+def directional_fd(learner, batch, direction, eps):
+    params = list(learner.model.parameters())
+    with torch.no_grad():
+        vals = []
+        for sign in (1, -1):
+            for p, d in zip(params, direction):
+                p.add_(sign * eps * d)
+            vals.append(learner.meta_loss(batch)[0].item())
+            for p, d in zip(params, direction):
+                p.sub_(sign * eps * d)
+    return (vals[0] - vals[1]) / (2 * eps)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "transformer", "conv_bn"])
+def test_second_order_meta_gradient_matches_finite_differences(kind, fp64):
+    m, batch = make(kind)
+    learner = mt.MAML(m, inner_lr=0.3, inner_steps=2, vectorize=False)
+    _, g = meta_grad(learner, batch)
+    g_fo = meta_grad(mt.MAML(m, inner_lr=0.3, inner_steps=2, first_order=True,
+                             vectorize=False), batch)[1]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        d = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in m.parameters()]
+        dflat = torch.cat([x.reshape(-1) for x in d])
+        fd = directional_fd(learner, batch, d, eps=1e-7 if kind == "conv_bn" else 1e-6)
+        an = float(g @ dflat)
+        assert abs(fd - an) / abs(an) < 1e-6, (kind, fd, an)
+        # the second-order term is not negligible here: first order is measurably different
+        assert abs(float(g_fo @ dflat) - fd) / abs(fd) > 1e-4
+
+
+def test_quadratic_closed_form(fp64):
+    """L(theta) = 1/2 theta^T A theta - b^T theta: meta-grad = (I - alpha A)^T grad L_q(theta')."""
+    d = 4
+    gen = torch.Generator().manual_seed(0)
+    M = torch.randn(d, d, generator=gen)
+    A_s = M @ M.T / d + torch.eye(d)  # support quadratic
+    M2 = torch.randn(d, d, generator=gen)
+    A_q = M2 @ M2.T / d + torch.eye(d)  # query quadratic
+    b_s, b_q = torch.randn(d, generator=gen), torch.randn(d, generator=gen)
+
+    class Quad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.theta = nn.Parameter(torch.randn(d, generator=gen))
+
+        def forward(self, x):  # x selects the task's (A, b): 0 = support, 1 = query
+            return self.theta.expand(x.shape[0], d)
+
+    def loss_fn(theta_rows, y):
+        theta = theta_rows[0]
+        A = torch.where(y[0] == 0, A_s, A_q)
+        b = torch.where(y[0] == 0, b_s, b_q)
+        return 0.5 * theta @ A @ theta - b @ theta
+
+    alpha = 0.1
+    model = Quad()
+    batch = mt.TaskBatch(torch.zeros(1, 1, 1), torch.zeros(1, 1, dtype=torch.long),
+                         torch.zeros(1, 1, 1), torch.ones(1, 1, dtype=torch.long))
+    theta = model.theta.detach().clone()
+    theta1 = theta - alpha * (A_s @ theta - b_s)
+    gq = A_q @ theta1 - b_q
+    expected_so = (torch.eye(d) - alpha * A_s).T @ gq
+    for vec in (False, True):
+        model.zero_grad()
+        mt.MAML(model, inner_lr=alpha, inner_steps=1, vectorize=vec, loss_fn=loss_fn
+                ).meta_loss(batch)[0].backward()
+        torch.testing.assert_close(model.theta.grad, expected_so, rtol=1e-12, atol=1e-12)
+        model.zero_grad()
+        mt.FOMAML(model, inner_lr=alpha, inner_steps=1, vectorize=vec, loss_fn=loss_fn
+                  ).meta_loss(batch)[0].backward()
+        torch.testing.assert_close(model.theta.grad, gq, rtol=1e-12, atol=1e-12)
+        assert (model.theta.grad - expected_so).norm() > 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("first_order", [False, True])
+def test_vmap_equals_loop(kind, first_order, fp64):
+    m, batch = make(kind)
+    l_loop = mt.MAML(m, inner_lr=0.3, inner_steps=2, first_order=first_order, vectorize=False)
+    l_vmap = mt.MAML(m, inner_lr=0.3, inner_steps=2, first_order=first_order, vectorize=True)
+    loss_a, g_a = meta_grad(l_loop, batch)
+    loss_b, g_b = meta_grad(l_vmap, batch)
+    assert abs(loss_a - loss_b) <= 1e-12 * abs(loss_a)
+    rel = float((g_a - g_b).norm() / g_a.norm())
+    assert rel < 1e-10, rel
+
+
+def test_vmap_chunked_equals_unchunked(fp64):
+    m, batch = make("conv_bn", T=4)
+    _, g_a = meta_grad(mt.MAML(m, inner_lr=0.3, vectorize=True), batch)
+    _, g_b = meta_grad(mt.MAML(m, inner_lr=0.3, vectorize=True, chunk_size=3), batch)
+    assert float((g_a - g_b).norm() / g_a.norm()) < 1e-10
+
+
+def test_layernorm_and_batchnorm_modules_with_buffers_and_dropout():
+    """A user module with running-stat BatchNorm, LayerNorm, Dropout and a buffer works."""
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 8)
+            self.bn = nn.BatchNorm1d(8)
+            self.ln = nn.LayerNorm(8)
+            self.drop = nn.Dropout(0.1)
+            self.register_buffer("scale", torch.tensor(2.0))
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.drop(self.ln(torch.relu(self.bn(self.fc(x))))) * self.scale)
+
+    m = Odd()
+    batch = mt.TaskBatch(torch.randn(4, 6, 4), torch.randint(0, 3, (4, 6)),
+                         torch.randn(4, 5, 4), torch.randint(0, 3, (4, 5)), n_way=3)
+    for vec in (False, True):
+        loss, metrics = mt.MAML(m, inner_lr=0.1, inner_steps=2, vectorize=vec).meta_loss(batch)
+        loss.backward()
+        assert torch.isfinite(loss) and 0 <= float(metrics["accuracy"]) <= 1
+        assert all(p.grad is not None for p in m.parameters())
+
+
+def test_anil_adapts_only_the_head(fp64):
+    m, batch = make("mlp")
+    learner = mt.ANIL(m, head="head", inner_lr=0.5, inner_steps=3)
+    adapted = learner.adapt(batch.support_x[0], batch.support_y[0])
+    for name, p in m.named_parameters():
+        same = torch.equal(adapted.params[name], p.detach())
+        assert same == (not name.startswith("head.")), name
+    # meta-gradient still reaches the body (through the query loss)
+    _, g = meta_grad(learner, batch)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+    # and matches the ANIL closed form: body-only FD check in one direction
+    d = [torch.randn_like(p) for p in m.parameters()]
+    fd = directional_fd(learner, batch, d, 1e-6)
+    an = float(g @ torch.cat([x.reshape(-1) for x in d]))
+    assert abs(fd - an) / abs(an) < 1e-6
+
+
+def test_anil_unknown_name_is_a_clear_error():
+    m, _ = make("mlp")
+    with pytest.raises(ConfigError, match="no parameter or module named 'haed'.*head"):
+        mt.ANIL(m, head="haed")
+
+
+def test_meta_sgd_rates_receive_gradients_and_change_adaptation(fp64):
+    m, batch = make("mlp")
+    learner = mt.MetaSGD(m, inner_lr=0.1, inner_steps=1)
+    names = [n for n, _ in m.named_parameters()]
+    assert len(learner.inner_lrs) == len(names)
+    loss, _ = learner.meta_loss(batch)
+    loss.backward()
+    for n, p in m.named_parameters():
+        lr = learner.inner_lrs[n.replace(".", "__")]
+        assert lr.shape == p.shape
+        assert lr.grad is not None and lr.grad.abs().sum() > 0
+    # the learned rates are what the inner loop uses: doubling them changes the result
+    with torch.no_grad():
+        for lr in learner.inner_lrs.values():
+            lr.mul_(2)
+    assert abs(learner.meta_loss(batch)[0].item() - loss.item()) > 1e-6
+
+
+def test_maml_pp_options(fp64):
+    m, batch = make("mlp")
+    learner = mt.MAMLpp(m, inner_lr=0.1, inner_steps=3, msl_steps=100, second_order_start=50)
+    assert {lr.shape for lr in learner.inner_lrs.values()} == {torch.Size([3])}
+    w0 = learner.msl_weights(3, 0)
+    assert w0 == pytest.approx([1 / 3] * 3)
+    w_end = learner.msl_weights(3, 100)
+    assert w_end[-1] == pytest.approx(1 - 2 * 0.01) and w_end[0] == pytest.approx(0.01)
+    loss, _ = learner.meta_loss(batch, step=0)
+    loss.backward()
+    # per-step per-layer rates all get gradients; with MSL at step 0 all 3 are used
+    for lr in learner.inner_lrs.values():
+        assert lr.grad is not None and bool((lr.grad != 0).all())
+    # derivative-order annealing: step < second_order_start is first order
+    _, g_early = meta_grad(learner, batch, step=10)
+    learner_fo = mt.MAMLpp(m, inner_lr=0.1, inner_steps=3, msl_steps=100, first_order=True)
+    _, g_fo = meta_grad(learner_fo, batch, step=10)
+    _, g_late = meta_grad(learner, batch, step=60)
+    learner_fo2 = mt.MAMLpp(m, inner_lr=0.1, inner_steps=3, msl_steps=100, first_order=True)
+    _, g_fo_late = meta_grad(learner_fo2, batch, step=60)
+    torch.testing.assert_close(g_early, g_fo)
+    assert (g_late - g_fo_late).norm() > 1e-6
+
+
+def test_several_inner_steps_and_zero_steps(fp64):
+    m, batch = make("mlp")
+    per_step = mt.MAML(m, inner_lr=0.2).evaluate(batch, steps=5)["loss_per_step"]
+    assert per_step.shape == (3, 6)
+    zero = mt.MAML(m, inner_steps=0)
+    loss, _ = zero.meta_loss(batch)
+    plain = torch.stack([F.cross_entropy(m(batch.query_x[t]), batch.query_y[t])
+                         for t in range(3)]).mean()
+    torch.testing.assert_close(loss, plain)
+    # support loss goes down with inner steps on a convex-ish head-only problem
+    anil = mt.ANIL(m, inner_lr=0.5)
+    s = anil.evaluate(mt.TaskBatch(batch.support_x, batch.support_y, batch.support_x,
+                                   batch.support_y, n_way=3), steps=5)["loss_per_step"]
+    assert bool((s[:, -1] < s[:, 0]).all())
+
+
+def test_adapt_api_predicts_and_matches_evaluate(fp64):
+    m, batch = make("transformer")
+    learner = mt.MAML(m, inner_lr=0.3, inner_steps=2)
+    with torch.no_grad():
+        predict = learner.adapt(batch.support_x[1], batch.support_y[1])
+    logits = predict(batch.query_x[1])
+    assert logits.shape == (5, 3)
+    ev = learner.evaluate(batch)
+    torch.testing.assert_close(F.cross_entropy(logits, batch.query_y[1]), ev["loss"][1])
+    # adapt did not touch the model's own parameters
+    assert all(p.grad is None for p in m.parameters())
+
+
+def test_maml_learns_sinusoids_quickly():
+    torch.manual_seed(0)
+    tasks = mt.SinusoidTasks(k_shot=10, k_query=10)
+    model = mt.MLP(1, [40, 40], 1)
+    learner = mt.MAML(model, inner_lr=0.01, inner_steps=1, eval_inner_steps=5)
+    test = tasks.sample(200, torch.Generator().manual_seed(123))
+    before = float(learner.evaluate(test)["loss"].mean())
+    opt = torch.optim.Adam(learner.parameters(), 3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        loss, _ = learner.meta_loss(tasks.sample(25, g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = float(learner.evaluate(test)["loss"].mean())
+    assert after < 0.5 * before, (before, after)
+
+
+# ----------------------------------------------------------------- bad input
+def test_nonfinite_inner_loss_is_a_clear_error():
+    m, batch = make("mlp")
+    batch.support_x[1, 2, 0] = float("nan")
+    for vec in (False, True):
+        with pytest.raises(InnerLoopError, match="support loss of task 1 is nan at inner step 0"):
+            mt.MAML(m, vectorize=vec).meta_loss(batch)
+
+
+def test_exploding_inner_lr_is_caught():
+    m, batch = make("mlp")
+    with pytest.raises(InnerLoopError, match="lower inner_lr"):
+        mt.MAML(m, inner_lr=1e30, inner_steps=3).meta_loss(batch)
+
+
+def test_taskbatch_errors_name_the_field():
+    x, y = torch.randn(2, 5, 3), torch.randint(0, 4, (2, 5))
+    with pytest.raises(TaskError, match="support_y has 4 examples.*support_x has 5"):
+        mt.TaskBatch(x, y[:, :4], x, y)
+    with pytest.raises(TaskError, match="support_x is empty"):
+        mt.TaskBatch(x[:, :0], y[:, :0], x, y)
+    with pytest.raises(TaskError,
+                       match=r"query_y holds labels in \[3, 3\] but n_way=3 needs labels in"):
+        mt.TaskBatch(x, y.clamp(max=2), x, y.clamp(min=0, max=3).fill_(3), n_way=3)
+    with pytest.raises(TaskError, match="query_x has example shape"):
+        mt.TaskBatch(x, y, torch.randn(2, 5, 4), y)
+    with pytest.raises(TaskError, match="query_x has 3 tasks"):
+        mt.TaskBatch(x, y, torch.randn(3, 5, 3), torch.randint(0, 4, (3, 5)))
+    with pytest.raises(TaskError, match="leading task dimension"):
+        mt.TaskBatch(torch.randn(5), y, x, y)
+
+
+def test_learner_params_include_rates_for_outer_optimiser():
+    m, _ = make("mlp")
+    learner = mt.MetaSGD(m)
+    n_model = sum(1 for _ in m.parameters())
+    assert sum(1 for _ in learner.parameters()) == 2 * n_model

@@ -1,0 +1,213 @@
+"""ProtoNet, Matching Networks and FEAT: exact maths on tiny examples and short training runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import metattn.builders_vision  # noqa: F401  (registers the metric learners)
+from metattn.data.tasks import TaskBatch
+from metattn.errors import ConfigError, TaskError
+from metattn.meta.metric import FEAT, MatchingNet, ProtoNet, SetToSet
+from metattn.nn.backbones import Conv4
+from metattn.registry import build
+
+
+def blob_tasks(T: int, g: torch.Generator, n: int = 5, k: int = 1, q: int = 5,
+               noise: float = 1.5) -> TaskBatch:
+    """Synthetic image episodes: each class is a smooth random 28x28 pattern (a 4x4 Gaussian
+    grid upsampled) and each example adds white noise; classes are new in every task, so
+    a learner must learn a metric that ignores the noise."""
+    low = torch.randn(T * n, 1, 4, 4, generator=g)
+    proto = F.interpolate(low, size=(28, 28), mode="bilinear", align_corners=False)
+    x = proto.view(T, n, 1, 1, 28, 28) + noise * torch.randn(T, n, k + q, 1, 28, 28,
+                                                             generator=g)
+    y = torch.arange(n).view(1, n, 1)
+    return TaskBatch(
+        support_x=x[:, :, :k].flatten(1, 2), support_y=y.expand(T, n, k).reshape(T, -1),
+        query_x=x[:, :, k:].flatten(1, 2), query_y=y.expand(T, n, q).reshape(T, -1),
+        n_way=n, k_shot=k,
+    )
+
+
+def vec_task() -> TaskBatch:
+    """One 2-way task on 2-d points, support in mixed order with unequal shots."""
+    sx = torch.tensor([[[0.0, 0.0], [4.0, 2.0], [2.0, 0.0], [4.0, 4.0], [4.0, 0.0]]])
+    sy = torch.tensor([[0, 1, 0, 1, 1]])  # class 0 mean (1, 0); class 1 mean (4, 2)
+    qx = torch.tensor([[[1.0, 1.0], [3.0, 3.0], [0.0, 5.0]]])
+    qy = torch.tensor([[0, 1, 0]])
+    return TaskBatch(sx, sy, qx, qy, n_way=2, k_shot=None)
+
+
+# ---------------------------------------------------------------- ProtoNet
+def test_protonet_logits_are_negative_squared_distances() -> None:
+    b = vec_task()
+    learner = ProtoNet(nn.Identity())
+    logits = learner.adapt(b.support_x[0], b.support_y[0])(b.query_x[0])
+    # hand computed: -||q - mean||^2 with means (1, 0) and (4, 2)
+    expected = -torch.tensor([[0 + 1, 9 + 1], [4 + 9, 1 + 1], [1 + 25, 16 + 9]],
+                             dtype=torch.float32)
+    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close(ProtoNet(nn.Identity(), scale=0.5).adapt(
+        b.support_x[0], b.support_y[0])(b.query_x[0]), 0.5 * expected)
+    out = learner.evaluate(b)
+    torch.testing.assert_close(out["accuracy"], torch.tensor([2 / 3]))
+    torch.testing.assert_close(out["loss"], F.cross_entropy(expected, b.query_y[0])[None])
+
+
+def test_missing_support_class_is_a_task_error() -> None:
+    b = vec_task()
+    b.n_way = 3
+    with pytest.raises(TaskError, match="no support example of class 2"):
+        ProtoNet(nn.Identity()).evaluate(b)
+    with pytest.raises(TaskError, match="class 2"):
+        MatchingNet(nn.Identity()).evaluate(b)
+
+
+class CountingEncoder(nn.Module):
+    """Conv4 features, counting how many forward calls it gets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = Conv4(1, 5, 8, 28)
+        self.calls = 0
+        self.feature_dim = self.net.feature_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.net.features(x)
+
+
+@pytest.mark.parametrize("kind", ["protonet", "matching", "feat"])
+def test_contract_and_one_encoder_pass_per_batch(kind: str) -> None:
+    torch.manual_seed(0)
+    enc = CountingEncoder()
+    learner = build("learner", {"kind": kind}, enc)
+    b = blob_tasks(6, torch.Generator().manual_seed(0))
+    loss, metrics = learner.meta_loss(b)
+    assert enc.calls == 1  # all tasks, support and query, in one flattened pass
+    assert loss.dim() == 0 and loss.requires_grad
+    assert {"loss", "accuracy"} <= set(metrics)
+    assert all(v.dim() == 0 and not v.requires_grad for v in metrics.values())
+    out = learner.evaluate(b)
+    assert out["loss"].shape == (6,) and out["accuracy"].shape == (6,)
+    assert enc.calls == 2
+    # adapt on one task gives that task's logits (a batch of one matches evaluate)
+    one = b.task(2)
+    logits = learner.adapt(one.support_x[0], one.support_y[0])(one.query_x[0])
+    assert logits.shape == (25, 5)
+    acc = (logits.argmax(-1) == one.query_y[0]).float().mean()
+    torch.testing.assert_close(acc, learner.evaluate(one)["accuracy"][0])
+
+
+def test_builders_reject_unknown_keys() -> None:
+    with pytest.raises(ConfigError, match="temprature"):
+        build("learner", {"kind": "feat", "temprature": 2.0}, Conv4(hidden=8))
+    with pytest.raises(ConfigError, match="dim"):
+        MatchingNet(nn.Identity(), fce=True)
+
+
+# ---------------------------------------------------------------- Matching Networks
+def test_matching_attention_rows_sum_to_one_and_match_cosine_softmax() -> None:
+    b = vec_task()
+    learner = MatchingNet(nn.Identity(), temperature=3.0, learn_temperature=False)
+    a = learner.attention(b.support_x[0], b.support_y[0], b.query_x[0])
+    assert a.shape == (3, 5) and (a >= 0).all()
+    torch.testing.assert_close(a.sum(-1), torch.ones(3))
+    cos = F.normalize(b.query_x[0], dim=-1) @ F.normalize(b.support_x[0], dim=-1).T
+    torch.testing.assert_close(a, torch.softmax(3.0 * cos, -1))
+    # predicted distribution = attention summed per class; logits are its log
+    p = a @ F.one_hot(b.support_y[0], 2).float()
+    logits = learner.adapt(b.support_x[0], b.support_y[0])(b.query_x[0])
+    torch.testing.assert_close(logits.exp(), p)
+
+
+def test_matching_fce_attention_rows_sum_to_one() -> None:
+    torch.manual_seed(0)
+    learner = MatchingNet(nn.Identity(), fce=True, dim=2)
+    b = vec_task()
+    a = learner.attention(b.support_x[0], b.support_y[0], b.query_x[0])
+    torch.testing.assert_close(a.sum(-1), torch.ones(3))
+    plain = MatchingNet(nn.Identity()).attention(b.support_x[0], b.support_y[0],
+                                                 b.query_x[0])
+    assert not torch.allclose(a, plain)  # the context embeddings change the attention
+
+
+# ---------------------------------------------------------------- FEAT
+def test_feat_regulariser_contributes() -> None:
+    torch.manual_seed(0)
+    b = blob_tasks(3, torch.Generator().manual_seed(0), q=3)
+    base = FEAT(Conv4(hidden=8), balance=0.0, dropout=0.0, attn_dropout=0.0)
+    reg = FEAT(Conv4(hidden=8), balance=0.5, dropout=0.0, attn_dropout=0.0)
+    reg.load_state_dict(base.state_dict())
+    l0, m0 = base.meta_loss(b)
+    l1, m1 = reg.meta_loss(b)
+    assert "reg_loss" not in m0 and float(m1["reg_loss"]) > 0
+    torch.testing.assert_close(m0["loss"], m1["loss"])  # same query loss
+    assert float((l1 - l0).detach()) > 1e-4
+    zs, zq = reg.embed(b.support_x, b.query_x)
+    r = reg.regularizer(b, zs, zq)
+    torch.testing.assert_close(l1 - l0, 0.5 * r)
+    # reference, one task and one class at a time as in the official code: all support and
+    # query instances of a class go through the set function as their own set; the raw
+    # instance embeddings are classified against the adapted class centres
+    with torch.no_grad():
+        x, y = torch.cat([zs, zq], 1), torch.cat([b.support_y, b.query_y], 1)
+        terms = []
+        for t in range(3):
+            centres = torch.stack([reg.set_fn(x[t][y[t] == c][None])[0].mean(0)
+                                   for c in range(5)])
+            logits = -((x[t][:, None] - centres[None]) ** 2).sum(-1) / reg.temperature2
+            terms.append(F.cross_entropy(logits, y[t], reduction="sum"))
+        torch.testing.assert_close(r, torch.stack(terms).sum() / y.numel())
+    # the regulariser trains the set-to-set function through the class-wise pass too
+    g0 = torch.autograd.grad(l0, base.set_fn.attn.q_proj.weight, allow_unused=True)[0]
+    g1 = torch.autograd.grad(l1, reg.set_fn.attn.q_proj.weight)[0]
+    assert g0 is None or not torch.allclose(g0, g1)
+    # evaluation has no regulariser: identical per-task losses
+    torch.testing.assert_close(base.evaluate(b)["loss"], reg.evaluate(b)["loss"])
+
+
+def test_feat_regulariser_sets_are_class_wise() -> None:
+    """Instances attend only within their class: changing class 1 leaves class 0 alone."""
+    torch.manual_seed(0)
+    f = SetToSet(4, dropout=0.0, attn_dropout=0.0).eval()
+    x = torch.randn(1, 6, 4)
+    y = torch.tensor([[0, 1, 0, 1, 0, 1]])
+    mask = y.unsqueeze(-1) == y.unsqueeze(-2)
+    x2 = x.clone()
+    x2[:, 1::2] += 3.0
+    out, out2 = f(x, mask=mask), f(x2, mask=mask)
+    torch.testing.assert_close(out[:, 0::2], out2[:, 0::2])
+    assert not torch.allclose(f(x)[:, 0::2], f(x2)[:, 0::2])  # without the mask they mix
+
+
+# ---------------------------------------------------------------- training improves
+@pytest.mark.parametrize(
+    "name, make",
+    [
+        ("protonet", lambda m: ProtoNet(m)),
+        ("matching", lambda m: MatchingNet(m)),
+        ("matching_fce", lambda m: MatchingNet(m, fce=True, fce_steps=2)),
+        ("feat", lambda m: FEAT(m, balance=0.1)),
+    ],
+)
+def test_short_training_improves_held_out_accuracy(name: str, make) -> None:
+    torch.manual_seed(0)
+    learner = make(Conv4(1, 5, hidden=16, image_size=28))
+    held_out = blob_tasks(30, torch.Generator().manual_seed(123))
+    learner.eval()
+    before = float(learner.evaluate(held_out)["accuracy"].mean())
+    learner.train()
+    opt = torch.optim.Adam(learner.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    for step in range(15):
+        loss, _ = learner.meta_loss(blob_tasks(4, g), step=step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    learner.eval()
+    after = float(learner.evaluate(held_out)["accuracy"].mean())
+    assert after > before + 0.3 and after > 0.8, (name, before, after)

@@ -1,0 +1,215 @@
+"""The recipe and CLI: train -> summary -> eval, resume, atomic checkpoints, config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from metattn import checkpoint
+from metattn.cli import main
+from metattn.config import from_dict, load
+from metattn.errors import CheckpointError, ConfigError
+from metattn.train import TrainingError, train
+
+TINY = {
+    "name": "tiny",
+    "seed": 3,
+    "task": {"kind": "sinusoid", "k_shot": 5, "k_query": 5},
+    "model": {"kind": "mlp", "hidden": [16, 16]},
+    "learner": {"kind": "maml", "inner_lr": 0.01, "inner_steps": 1, "eval_inner_steps": 3},
+    "train": {"steps": 40, "meta_batch": 4, "lr": 0.003, "log_every": 1, "eval_every": 20,
+              "eval_episodes": 20, "checkpoint_every": 10, "progress": False,
+              "tensorboard": False},
+    "eval": {"episodes": 50, "task": {"k_query": 20}},
+}
+
+
+def write_cfg(tmp_path: Path, **changes) -> Path:
+    cfg = json.loads(json.dumps(TINY))
+    for key, value in changes.items():
+        node = cfg
+        parts = key.split("__")
+        for p in parts[:-1]:
+            node = node[p]
+        node[parts[-1]] = value
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def losses(run_dir: Path) -> list[float]:
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs if r["kind"] == "train"]
+
+
+def test_cli_train_then_eval(tmp_path, capsys):
+    cfg = write_cfg(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", str(cfg), "--out", str(out), "--set", "train.steps=30"]) == 0
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.safetensors",
+                 "state.json", "training.png", "adaptation.png"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("metric", "mean", "ci95", "episodes", "steps", "seconds"):
+        assert key in summary
+    assert summary["metric"] == "loss" and summary["episodes"] == 50 and summary["steps"] == 30
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["steps"] == 30
+    assert main(["eval", str(out), "--episodes", "30"]) == 0
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["episodes"] == 30 and ev["steps"] == 30
+    assert "test loss" in capsys.readouterr().out
+    # the same directory is never silently overwritten
+    assert main(["train", str(cfg), "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_after_a_crash_gives_the_same_losses(tmp_path):
+    cfg = load(write_cfg(tmp_path))
+    full = tmp_path / "full"
+    train(cfg, full)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_25(step, metrics):
+        if step == 25:
+            raise Crash
+
+    part = tmp_path / "part"
+    with pytest.raises(Crash):
+        train(cfg, part, callbacks=[crash_at_25])
+    tensors, state = checkpoint.load(part)
+    assert state["step"] == 20  # last checkpoint before the crash
+    train(cfg, part, resume=True)
+    assert losses(part) == losses(full)
+    assert len(losses(full)) == 40
+    a = checkpoint.load(full)[0]
+    b = checkpoint.load(part)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("model/"))
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    cfg = load(write_cfg(tmp_path))
+    train(cfg, tmp_path / "r")
+    changed = load(write_cfg(tmp_path, learner__inner_lr=0.5))
+    with pytest.raises(ConfigError, match="learner.inner_lr"):
+        train(changed, tmp_path / "r", resume=True)
+    longer = load(write_cfg(tmp_path, train__steps=50))
+    assert train(longer, tmp_path / "r", resume=True)["steps"] == 50
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    cfg = load(write_cfg(tmp_path))
+    out = tmp_path / "r"
+    train(cfg, out)
+    before = (out / checkpoint.WEIGHTS).read_bytes()
+
+    def torn_write(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", torn_write)
+    longer = load(write_cfg(tmp_path, train__steps=50))
+    with pytest.raises(OSError, match="disk full"):
+        train(longer, out, resume=True)
+    assert (out / checkpoint.WEIGHTS).read_bytes() == before
+    assert checkpoint.load(out)[1]["step"] == 40
+    assert not list(out.glob("*.tmp"))
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / checkpoint.WEIGHTS).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        checkpoint.load(tmp_path)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        checkpoint.load(tmp_path / "nowhere")
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    cfg = load(write_cfg(tmp_path))
+    out = tmp_path / "r"
+    import metattn.train as recipe
+
+    real_build = recipe.build
+    holder = {}
+
+    def spy_build(*a, **k):
+        res = real_build(*a, **k)
+        holder["learner"] = res[2]
+        return res
+
+    monkeypatch.setattr(recipe, "build", spy_build)
+
+    def diverge(step, metrics):  # the run "diverges" after the checkpoint at step 10
+        if step == 15:
+            with torch.no_grad():
+                next(holder["learner"].parameters()).fill_(float("nan"))
+
+    with pytest.raises((TrainingError, FloatingPointError), match="inner_lr"):
+        train(cfg, out, callbacks=[diverge])
+    tensors, state = checkpoint.load(out)
+    assert state["step"] == 10
+    assert all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"learner": {"kind": "maml", "inner_lrr": 0.1}}, "learner.inner_lrr.*did you mean 'inner_lr'"),
+    ({"train": {"stpes": 3}}, "train.stpes.*did you mean 'steps'"),
+    ({"train": {"steps": "many"}}, "train.steps: got 'many'"),
+    ({"model": {"kind": "mpl"}}, "model.kind: unknown value 'mpl'; did you mean 'mlp'"),
+    ({"taks": {}}, "taks: unknown key; did you mean 'task'"),
+    ({"eval": {"task": {"k_qeury": 3}}}, "task.k_qeury.*did you mean 'k_query'"),
+])
+def test_config_errors_name_the_key(change, message):
+    data = {**json.loads(json.dumps(TINY)), **change}
+    with pytest.raises(ConfigError, match=message):
+        from_dict(data)
+
+
+def test_missing_config_file_and_bad_override(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load(write_cfg(tmp_path), ["train.steps"])
+    assert load(write_cfg(tmp_path), ["train.lr=3e-4"]).train.lr == pytest.approx(3e-4)
+
+
+def test_training_lowers_test_mse_far_below_the_untrained_model(tmp_path):
+    changes = dict(train__meta_batch=25, train__log_every=50, train__eval_every=0,
+                   train__checkpoint_every=0, model__hidden=[40, 40],
+                   learner__eval_inner_steps=5, task__k_shot=10)
+    untrained = train(load(write_cfg(tmp_path, train__steps=0, **changes)), tmp_path / "zero")
+    cfg = load(write_cfg(tmp_path, train__steps=500, **changes))
+    trained = train(cfg, tmp_path / "r")
+    assert trained["mean"] < 0.5 * untrained["mean"], (untrained["mean"], trained["mean"])
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_continues(tmp_path):
+    cfg = write_cfg(tmp_path, train__steps=100000, train__checkpoint_every=0,
+                    train__eval_every=0)
+    out = tmp_path / "r"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "metattn", "train", str(cfg), "--out",
+                             str(out)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (
+            (out / "metrics.jsonl").is_file() and len(losses(out)) >= 5):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    assert "interrupted: checkpoint at step" in output
+    step = checkpoint.load(out)[1]["step"]
+    assert step >= 5
+    cont = load(cfg, [f"train.steps={step + 5}"])
+    assert train(cont, out, resume=True)["steps"] == step + 5
