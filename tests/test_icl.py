@@ -9,7 +9,7 @@ import torch
 
 from metattn.data.functions import DecisionTreeTasks, LinearTasks, ReLUNetTasks
 from metattn.data.synthetic import SinusoidTasks
-from metattn.errors import TaskError
+from metattn.errors import ConfigError, TaskError
 from metattn.meta.baselines import (
     BASELINES,
     averaging,
@@ -291,3 +291,153 @@ def test_builders_are_registered():
     assert isinstance(learner, InContextLearner) and learner.loss_on == "query"
     loss, _ = learner.meta_loss(task.sample(2, gen(0)))
     assert torch.isfinite(loss)
+
+
+# ------------------------------------------------------------------ curriculum in the recipe
+def test_curriculum_sampler_follows_the_step_and_the_test_sampler_does_not():
+    from metattn.data.functions import CurriculumTasks
+    from metattn.registry import build
+
+    spec = {"kind": "linear", "d": 8, "k_shot": 14, "k_query": 1,
+            "curriculum": {"d_start": 2, "d_inc": 2, "points_start": 5, "points_inc": 3,
+                           "every": 10}}
+    train = build("task", spec, "train")
+    test = build("task", spec, "test")
+    assert isinstance(train, CurriculumTasks) and isinstance(test, LinearTasks)
+    # d_end and points_end default to the task's d and k_shot + k_query
+    assert (train.curriculum.d_end, train.curriculum.points_end) == (8, 15)
+    seen = []
+    for step in (0, 9, 10, 25, 10**6):
+        train.set_step(step)
+        b = train.sample(4, gen(step))
+        n = b.support_x.shape[1] + b.query_x.shape[1]
+        active = int((torch.cat([b.support_x, b.query_x], 1).abs().sum((0, 1)) > 0).sum())
+        assert (train.d_active, train.n_points) == (active, n)
+        assert b.query_x.shape[1] == 1 and (b.info["w"][:, active:] == 0).all()
+        seen.append((active, n))
+    assert seen == [(2, 5), (2, 5), (4, 8), (6, 11), (8, 15)]
+    assert train.d == 8 and train.k_query == 1  # the wrapped sampler's attributes
+    # the test sampler: full d and prompt length, whatever the step
+    b = test.sample(4, gen(0))
+    assert b.support_x.shape == (4, 14, 8) and (b.support_x != 0).all()
+    assert not hasattr(test, "set_step")
+
+
+def test_curriculum_config_errors():
+    from metattn.registry import build
+
+    base = {"kind": "linear", "d": 5, "k_shot": 10}
+    with pytest.raises(ConfigError, match="did you mean 'every'"):
+        build("task", {**base, "curriculum": {"evry": 10}}, "train")
+    with pytest.raises(ConfigError, match="exceeds the task's d=5"):
+        build("task", {**base, "curriculum": {"d_end": 6}}, "train")
+    with pytest.raises(ConfigError, match="prompt length"):
+        build("task", {**base, "curriculum": {"points_end": 20}}, "train")
+    with pytest.raises(ConfigError, match="expected an int"):
+        build("task", {**base, "curriculum": {"every": 1.5}}, "train")
+    with pytest.raises(ConfigError, match="curriculum"):
+        build("task", {**base, "curriculum": 3}, "train")
+    # small tasks: the paper's d_start = 5 / points_start = 11 are clipped to the task
+    cur = build("task", {"kind": "linear", "d": 3, "k_shot": 4, "curriculum": {}}, "train")
+    assert (cur.curriculum.d_start, cur.curriculum.points_start) == (3, 5)
+
+
+def test_evaluate_reports_the_error_vs_k_curve():
+    learner = InContextLearner(tiny(3, max_points=8))
+    b = LinearTasks(d=3, k_shot=6, k_query=4).sample(5, gen(0))
+    out = learner.evaluate(b)
+    assert out["error_vs_k"].shape == (5, 7)
+    # column k = error of predicting point k+1 of support + first query from the first k
+    curve = error_vs_k(learner.predict, LinearTasks(d=3, k_shot=6, k_query=1), ks=range(7),
+                       n_prompts=5, seed=0)
+    again = LinearTasks(d=3, k_shot=6, k_query=1).sample(5, gen(0))
+    col = learner.evaluate(again)["error_vs_k"].mean(0)
+    torch.testing.assert_close(col.double(), torch.tensor(curve.mean, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-6)
+    # the last column is the first query's error, as in ``loss`` (per query, / d)
+    pred = learner.predict(b.support_x, b.support_y, b.query_x[:, :1])
+    torch.testing.assert_close(out["error_vs_k"][:, -1],
+                               (pred - b.query_y[:, :1]).pow(2)[:, 0, 0] / 3)
+
+
+def test_maml_predict_fn_matches_per_task_adaptation():
+    from metattn.meta.baselines import adapted_predict_fn, maml_predict_fn
+    from metattn.meta.maml import MAML
+    from metattn.nn.backbones import MLP
+
+    torch.manual_seed(0)
+    maml = MAML(MLP(4, [16], 1), inner_lr=0.05, eval_inner_steps=3)
+    b = LinearTasks(d=4, k_shot=6, k_query=2).sample(3, gen(0))
+    fast = maml_predict_fn(maml)(b.support_x, b.support_y, b.query_x)
+    slow = adapted_predict_fn(maml)(b.support_x, b.support_y, b.query_x)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+    init = maml_predict_fn(maml)(b.support_x[:, :0], b.support_y[:, :0], b.query_x)
+    torch.testing.assert_close(init, maml.model(b.query_x))
+
+
+def test_recipe_trains_an_icl_config_with_curriculum_and_writes_the_curve(tmp_path):
+    import json
+
+    from metattn.config import from_dict
+    from metattn.train import build as build_run
+    from metattn.train import train
+
+    cfg = from_dict({
+        "name": "tiny_icl", "seed": 1,
+        "task": {"kind": "linear", "d": 3, "k_shot": 6, "k_query": 1,
+                 "curriculum": {"d_start": 1, "points_start": 3, "every": 5}},
+        "model": {"kind": "icl_transformer", "d_x": 3, "d_model": 16, "n_layers": 1,
+                  "n_heads": 2, "max_points": 7},
+        "learner": {"kind": "incontext"},
+        "train": {"steps": 30, "meta_batch": 8, "lr": 3e-3, "schedule": "cosine",
+                  "warmup_steps": 5, "log_every": 5, "eval_every": 15, "eval_episodes": 20,
+                  "checkpoint_every": 15, "progress": False, "tensorboard": False},
+        "eval": {"episodes": 60, "chunk": 30},
+    })
+    train_tasks, test_tasks, _ = build_run(cfg, torch.device("cpu"))
+    assert hasattr(train_tasks, "set_step") and not hasattr(test_tasks, "set_step")
+    summary = train(cfg, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["steps"] == 30 and saved["episodes"] == 60
+    curve = saved["results"]["error_vs_k"]
+    assert len(curve) == 7 and len(saved["results"]["error_vs_k_ci95"]) == 7
+    assert all(math.isfinite(v) for v in curve)
+    assert summary["results"]["error_vs_k"] == curve
+
+
+def test_disjoint_token_layout():
+    torch.manual_seed(0)
+    model = ICLTransformer(3, d_model=32, n_layers=2, n_heads=4, max_points=8,
+                           token_layout="disjoint").eval()
+    b = LinearTasks(d=3, k_shot=5, k_query=2).sample(2, gen(4))
+    tok = model.tokens(b.support_x, b.support_y)
+    assert tok.shape == (2, 10, 4)  # d_x + d_y wide
+    assert torch.equal(tok[:, 0::2, :3], b.support_x) and (tok[:, 0::2, 3] == 0).all()
+    assert torch.equal(tok[:, 1::2, 3:], b.support_y) and (tok[:, 1::2, :3] == 0).all()
+    pred = model.predict(b.support_x, b.support_y, b.query_x)
+    for j in range(2):
+        xs = torch.cat([b.support_x, b.query_x[:, j : j + 1]], 1)
+        ys = torch.cat([b.support_y, b.query_y[:, j : j + 1]], 1)
+        torch.testing.assert_close(pred[:, j], model(xs, ys)[:, -1], rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match="token_layout"):
+        ICLTransformer(3, token_layout="mixed")
+    # the Garg et al. layout: y in the first coordinate of a d_x-wide token
+    shared = tiny(3).tokens(b.support_x, b.support_y)
+    assert shared.shape == (2, 10, 3) and torch.equal(shared[:, 1::2, :1], b.support_y)
+
+
+def test_demo_trains_both_learners_and_prints_one_table(tmp_path, capsys):
+    from metattn import demo
+
+    quick = ["train.progress=false", "train.tensorboard=false", "train.eval_every=0",
+             "eval.episodes=20"]
+    assert demo.main(["--out", str(tmp_path), "--set", "train.steps=5",
+                      *[a for q in quick for a in ("--set", q)],
+                      "--icl-set", "train.steps=5",
+                      *[a for q in quick for a in ("--icl-set", q)]]) == 0
+    out = capsys.readouterr().out
+    assert "in-context: forward pass" in out and "MAML: after 10 steps" in out
+    for k in (5, 10, 20):
+        assert f"K={k}" in out
+    for name in ("maml_vs_icl.png", "maml/summary.json", "icl/summary.json"):
+        assert (tmp_path / name).is_file(), name

@@ -282,3 +282,136 @@ def test_learner_params_include_rates_for_outer_optimiser():
     learner = mt.MetaSGD(m)
     n_model = sum(1 for _ in m.parameters())
     assert sum(1 for _ in learner.parameters()) == 2 * n_model
+
+
+# ----------------------------------------------------------------- scale: memory and precision
+@pytest.mark.parametrize("kind", ["transformer", "conv_bn"])
+@pytest.mark.parametrize("vec", [False, True])
+def test_checkpointed_inner_steps_give_the_same_meta_gradient(kind, vec, fp64):
+    m, batch = make(kind)
+    for extra in ({}, {"learn_inner_lr": "per_layer_step", "msl_steps": 10}):
+        kw = {"step": 0} if extra else {}
+        plain = mt.MAML(m, inner_lr=0.3, inner_steps=3, vectorize=vec, **extra)
+        ckpt = mt.MAML(m, inner_lr=0.3, inner_steps=3, vectorize=vec, checkpoint=True, **extra)
+        loss_a, g_a = meta_grad(plain, batch, **kw)
+        rates_a = [r.grad.clone() for r in plain.inner_lrs.values()]
+        loss_b, g_b = meta_grad(ckpt, batch, **kw)
+        assert abs(loss_a - loss_b) <= 1e-12 * abs(loss_a)
+        assert float((g_a - g_b).norm() / g_a.norm()) < 1e-10
+        for ra, rb in zip(rates_a, ckpt.inner_lrs.values(), strict=True):
+            torch.testing.assert_close(rb.grad, ra, rtol=1e-10, atol=1e-14)
+
+
+def test_checkpointed_inner_steps_replay_dropout(fp64):
+    m = mt.TokenTransformer(vocab_size=20, max_len=6, n_classes=3, d_model=16, n_heads=2,
+                            n_layers=1, d_ff=32, dropout=0.2).double()
+    _, batch = make("transformer")
+    for vec in (False, True):
+        grads = []
+        for ckpt in (False, True):
+            torch.manual_seed(7)
+            grads.append(meta_grad(mt.MAML(m, inner_lr=0.3, inner_steps=2, vectorize=vec,
+                                           checkpoint=ckpt), batch)[1])
+        assert float((grads[0] - grads[1]).norm() / grads[0].norm()) < 1e-10
+
+
+def _graph_bytes(loss: torch.Tensor, exclude: set[int]) -> int:
+    """Bytes of the tensors saved in ``loss``'s autograd graph (storages not in ``exclude``)."""
+    seen, storages, stack = set(), {}, [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        vals = []
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                try:
+                    vals.append(getattr(node, name))
+                except RuntimeError:
+                    pass
+        if hasattr(node, "saved_tensors"):  # custom autograd functions
+            vals.extend(node.saved_tensors)
+        for v in vals:
+            for x in v if isinstance(v, (tuple, list)) else [v]:
+                if isinstance(x, torch.Tensor):
+                    st = x.untyped_storage()
+                    if st.data_ptr() not in exclude:
+                        storages[st.data_ptr()] = st.nbytes()
+        stack.extend(f for f, _ in node.next_functions)
+    return sum(storages.values())
+
+
+def test_checkpointed_inner_loop_memory_does_not_grow_with_steps():
+    g = torch.Generator().manual_seed(0)
+    m = mt.MLP(8, [32, 32], 3)  # activations of 1000 support points >> parameters
+    T = 4
+    batch = mt.TaskBatch(torch.randn(T, 1000, 8, generator=g),
+                         torch.randint(0, 3, (T, 1000), generator=g),
+                         torch.randn(T, 10, 8, generator=g),
+                         torch.randint(0, 3, (T, 10), generator=g), n_way=3)
+    exclude = {t.untyped_storage().data_ptr() for t in (*m.parameters(), batch.support_x,
+                                                        batch.support_y, batch.query_x,
+                                                        batch.query_y)}
+    param_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
+    for vec in (False, True):
+        stored, ckpt = (
+            [_graph_bytes(mt.MAML(m, 0.1, inner_steps=s, vectorize=vec, checkpoint=c,
+                                  per_task_backward=False).meta_loss(batch)[0], exclude)
+             for s in (2, 6)]
+            for c in (False, True))
+        assert stored[1] > 2.5 * stored[0], stored  # the graph grows with the inner steps
+        # checkpointed: only each step's parameters are kept (per task)
+        assert ckpt[1] - ckpt[0] <= 1.1 * 4 * T * param_bytes, (ckpt, param_bytes)
+        assert ckpt[1] < 0.05 * stored[1], (ckpt, stored)
+
+
+@pytest.mark.parametrize("kind", ["transformer", "conv_bn"])
+def test_bf16_autocast_meta_training_runs(kind):
+    m, batch = make(kind)
+    for vec in (False, True):
+        for ckpt in (False, True):
+            learner = mt.MAML(m, inner_lr=0.3, inner_steps=2, vectorize=vec, checkpoint=ckpt)
+            ref_loss, ref = meta_grad(learner, batch)
+            learner.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss, _ = learner.meta_loss(batch)
+            loss.backward()
+            g = torch.cat([p.grad.float().reshape(-1) for p in m.parameters()])
+            assert torch.isfinite(loss) and bool(torch.isfinite(g).all())
+            assert abs(float(loss) - ref_loss) < 0.05 * abs(ref_loss)
+            if kind == "transformer":
+                # (the tiny BatchNorm net's bf16 meta-gradient is mostly rounding noise, in a
+                # plain PyTorch loop too: there only running and finiteness are checked)
+                assert float((g - ref).norm() / ref.norm()) < 0.3
+
+
+def test_per_task_backward_keeps_one_task_graph_and_the_same_meta_gradient(fp64):
+    m, batch = make("conv_bn", T=4)
+    graph = mt.MAML(m, inner_lr=0.3, inner_steps=2, vectorize=False, per_task_backward=False)
+    taskwise = mt.MAML(m, inner_lr=0.3, inner_steps=2, vectorize=False,
+                       learn_inner_lr="per_layer_step")
+    graph_rates = mt.MAML(m, inner_lr=0.3, inner_steps=2, vectorize=False,
+                          learn_inner_lr="per_layer_step", per_task_backward=False)
+    for a, b in ((graph, mt.MAML(m, inner_lr=0.3, inner_steps=2, vectorize=False)),
+                 (graph_rates, taskwise)):
+        loss_a, g_a = meta_grad(a, batch)
+        loss_b, g_b = meta_grad(b, batch)
+        assert abs(loss_a - loss_b) <= 1e-12 * abs(loss_a)
+        assert float((g_a - g_b).norm() / g_a.norm()) < 1e-12
+    for ra, rb in zip(graph_rates.inner_lrs.values(), taskwise.inner_lrs.values(), strict=True):
+        torch.testing.assert_close(rb.grad, ra.grad, rtol=1e-12, atol=1e-15)
+    exclude = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    held = _graph_bytes(taskwise.meta_loss(batch)[0], exclude)
+    stored = _graph_bytes(graph_rates.meta_loss(batch)[0], exclude)
+    assert held < 0.01 * stored, (held, stored)
+    # the meta-loss composes like any loss: scaled, summed with another term
+    m.zero_grad()
+    loss, _ = taskwise.meta_loss(batch)
+    (3 * loss + sum(p.sum() for p in m.parameters())).backward()
+    g3 = torch.cat([p.grad.reshape(-1) for p in m.parameters()])
+    torch.testing.assert_close(g3, 3 * meta_grad(taskwise, batch)[1] + 1)
+    # but it cannot be differentiated twice: a clear error, not a wrong number
+    loss, _ = taskwise.meta_loss(batch)
+    with pytest.raises(RuntimeError, match="per_task_backward=False"):
+        torch.autograd.grad(loss, list(m.parameters()), create_graph=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +23,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load(args.config, args.set)
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     summary = train(cfg, out, resume=args.resume)
-    _print_summary(summary, out)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the run
+        _print_summary(summary, out)
     return 0
 
 

@@ -39,6 +39,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     target: float | None = None
     device: str = "auto"
+    threads: int | None = None
     dtype: Literal["float32", "float64"] = "float32"
     autocast: Literal["none", "bf16", "fp16"] = "none"
     tf32: bool = True

@@ -1,8 +1,11 @@
-"""``make demo``: meta-train MAML on the MAML paper's sinusoids and show what it learned.
+"""``make demo``: meta-train MAML and an in-context Transformer on the MAML paper's sinusoids.
 
 Runs the recipe on ``configs/sinusoid_maml_quick.yaml`` (embedded default: no data files),
-then prints the test MSE on 600 fixed tasks against the number of support points K, after 1
-and 10 inner gradient steps, and writes PNG plots of adapted curves against the ground truth.
+then on ``configs/sinusoid_icl_quick.yaml`` (a small causal Transformer that learns from the
+support points in its prompt: no gradient step at test time), and prints one table: the test
+MSE on the same 600 fixed tasks against the number of support points K, for MAML after 1 and
+10 inner gradient steps and for the in-context learner after one forward pass. Writes PNG
+plots of adapted curves against the ground truth (each learner's, and both side by side).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,31 +21,111 @@ from metattn.config import load
 from metattn.reports import fmt, print_table, sinusoid_mse_vs_shots
 from metattn.train import build, pick_device, train
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "sinusoid_maml_quick.yaml"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIG = CONFIGS / "sinusoid_maml_quick.yaml"
+ICL_CONFIG = CONFIGS / "sinusoid_icl_quick.yaml"
+
+
+def _trained(cfg: Any, run_dir: Path) -> Any:
+    from metattn import checkpoint
+
+    _, _, learner = build(cfg, pick_device(cfg.train.device))
+    tensors, state = checkpoint.load(run_dir)
+    checkpoint.restore(tensors, state, learner)
+    return learner
+
+
+def plot_maml_vs_icl(maml: Any, icl: Any, path: Path, k_shot: int = 10, n_tasks: int = 4,
+                     seed: int = 20240) -> Path:
+    """PNG: on ``n_tasks`` seeded test sinusoids with ``k_shot`` support points, the ground
+    truth, MAML's adapted curve (after its ``eval_inner_steps`` steps) and the in-context
+    learner's prediction (one forward pass over the prompt)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from metattn.data.synthetic import SinusoidTasks
+
+    tasks = SinusoidTasks(k_shot=k_shot, k_query=1)
+    batch = tasks.sample(n_tasks, torch.Generator().manual_seed(seed))
+    grid = torch.linspace(*tasks.x_range, 200).view(-1, 1)
+    fig, axes = plt.subplots(1, n_tasks, figsize=(4 * n_tasks, 3.4), squeeze=False)
+    for t, ax in enumerate(axes[0]):
+        sx, sy = batch.support_x[t], batch.support_y[t]
+        truth = tasks.function(grid, batch.info["amplitude"][t], batch.info["phase"][t])
+        ax.plot(grid, truth, "k-", lw=2, label="ground truth")
+        p = next(maml.parameters())
+        with torch.no_grad():
+            before = maml.adapt(sx.to(p), sy.to(p), steps=0)(grid.to(p)).cpu()
+        ax.plot(grid, before, ":", color="tab:gray", label="MAML init")
+        with torch.no_grad():
+            after = maml.adapt(sx.to(p), sy.to(p))(grid.to(p)).cpu()
+        ax.plot(grid, after, "--", color="tab:red", lw=2,
+                label=f"MAML, {maml.eval_inner_steps} steps")
+        q = next(icl.parameters())
+        pred = icl.adapt(sx.to(q), sy.to(q))(grid.to(q)).cpu()
+        ax.plot(grid, pred, "-", color="tab:green", lw=2, alpha=0.85,
+                label="in-context, forward pass")
+        ax.plot(sx, sy, "^", color="tab:blue", ms=7, label=f"{k_shot} support points")
+        ax.set_title(f"A={float(batch.info['amplitude'][t]):.2f}, "
+                     f"phase={float(batch.info['phase'][t]):.2f}")
+        ax.set_ylim(-5.5, 5.5)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--config", default=str(CONFIG))
-    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--set", action="append", default=[], help="override in the MAML config")
+    p.add_argument("--icl-config", default=str(ICL_CONFIG))
+    p.add_argument("--icl-set", action="append", default=[],
+                   help="override in the in-context config")
+    p.add_argument("--no-icl", action="store_true", help="MAML only")
     args = p.parse_args(argv)
     out = Path(args.out)
     t0 = time.time()
     cfg = load(args.config, args.set)
     summary = train(cfg, out / "maml")
     device = pick_device(cfg.train.device)
-    _, _, learner = build(cfg, device)
-    from metattn import checkpoint
-
-    tensors, state = checkpoint.load(out / "maml")
-    checkpoint.restore(tensors, state, learner)
-    table = sinusoid_mse_vs_shots(learner, shots=(5, 10, 20), steps=(1, 10))
-    rows = [[f"MAML (K=10 training, {summary['steps']} meta-steps)", f"K={k}",
-             fmt(*table[k][1]), fmt(*table[k][10]), "0"] for k in table]
+    maml_seconds = time.time() - t0
+    learner = _trained(cfg, out / "maml")
+    shots = (5, 10, 20)
+    table = sinusoid_mse_vs_shots(learner, shots=shots, steps=(1, 10))
+    columns = ["support K", "MAML: after 1 step", "MAML: after 10 steps"]
+    rows = [[f"K={k}", fmt(*table[k][1]), fmt(*table[k][10])] for k in table]
+    title = (f"MAML: MLP 2x40, K=10 training, {summary['steps']} meta-steps "
+             f"({maml_seconds:.0f} s)")
+    plots = [out / "maml" / "adaptation.png", out / "maml" / "training.png"]
+    if not args.no_icl:
+        t1 = time.time()
+        icfg = load(args.icl_config, args.icl_set)
+        isum = train(icfg, out / "icl")
+        icl = _trained(icfg, out / "icl")
+        icl_seconds = time.time() - t1
+        itable = sinusoid_mse_vs_shots(icl, shots=shots, steps=(1,))
+        columns.append("in-context: forward pass")
+        for r, k in zip(rows, shots, strict=True):
+            r.append(fmt(*itable[k][1]))
+        m = icfg.model
+        title += (f"; in-context: Transformer {m.get('n_layers')}x{m.get('d_model')}, "
+                  f"prompts of <= {icfg.task.get('k_shot', 10)} points, {isum['steps']} steps "
+                  f"({icl_seconds:.0f} s)")
+        plots = [plot_maml_vs_icl(learner, icl, out / "maml_vs_icl.png"),
+                 *plots, out / "icl" / "adaptation.png"]
+    columns.append("oracle")
+    for r in rows:
+        r.append("0")
     print_table("Sinusoid regression: test MSE on 600 fixed tasks (mean ± 95% CI)",
-                ["learner", "support K", "after 1 step", "after 10 steps", "oracle"], rows)
-    print(f"plots: {out / 'maml' / 'adaptation.png'}, {out / 'maml' / 'training.png'}")
+                columns, rows)
+    print(title)
+    print("plots: " + ", ".join(str(x) for x in plots))
     print(f"demo finished in {time.time() - t0:.0f} s on {device} "
           f"(torch {torch.__version__}, {torch.get_num_threads()} threads)")
     return 0

@@ -10,7 +10,14 @@ from rich.console import Console
 from rich.table import Table
 
 from metattn.data.synthetic import SinusoidTasks
-from metattn.data.tasks import fixed_episodes, mean_ci95
+from metattn.data.tasks import fixed_episodes, mean_ci95, split_finite
+
+
+def finite_mean_ci95(v: torch.Tensor) -> tuple[float, float, int]:
+    """(mean, ci95) over the finite values, and the number of diverged (non-finite) ones."""
+    fin, bad = split_finite(v)
+    mean, ci = mean_ci95(fin) if fin.numel() else (float("inf"), float("nan"))
+    return mean, ci, bad
 
 
 def sinusoid_mse_vs_shots(
@@ -20,15 +27,15 @@ def sinusoid_mse_vs_shots(
     episodes: int = 600,
     seed: int = 20240,
     k_query: int = 100,
-) -> dict[int, dict[int, tuple[float, float]]]:
-    """Test MSE (mean, 95% CI) on a fixed seeded set of sinusoid tasks for each K and step count.
+) -> dict[int, dict[int, tuple[float, float, int]]]:
+    """Test MSE (mean, 95% CI, diverged tasks) on fixed seeded sinusoid tasks, per K and steps.
 
     ``learner`` is a MAML-family learner (``evaluate(batch, steps=...)`` gives per-step losses)
     or any learner whose ``evaluate`` adapts by a forward pass (then every step count shows
     the same number).
     """
     p = next(learner.parameters())
-    out: dict[int, dict[int, tuple[float, float]]] = {}
+    out: dict[int, dict[int, tuple[float, float, int]]] = {}
     for k in shots:
         eps = fixed_episodes(SinusoidTasks(k_shot=k, k_query=k_query), episodes, seed + k)
         per_step: dict[int, list[torch.Tensor]] = {s: [] for s in steps}
@@ -42,7 +49,7 @@ def sinusoid_mse_vs_shots(
                 loss = learner.evaluate(b)["loss"].float().cpu()
                 for s in steps:
                     per_step[s].append(loss)
-        out[k] = {s: mean_ci95(torch.cat(v)) for s, v in per_step.items()}
+        out[k] = {s: finite_mean_ci95(torch.cat(v)) for s, v in per_step.items()}
     return out
 
 
@@ -57,6 +64,7 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
     (console or Console(width=140)).print(table)
 
 
-def fmt(mean: float, ci: float, digits: int = 3) -> str:
-    """``0.123 ± 0.010``."""
-    return f"{mean:.{digits}f} ± {ci:.{digits}f}"
+def fmt(mean: float, ci: float, diverged: int = 0, digits: int = 3) -> str:
+    """``0.123 ± 0.010`` (plus ``, 2 diverged`` when some tasks' adaptation diverged)."""
+    text = f"{mean:.{digits}f} ± {ci:.{digits}f}"
+    return text + (f" ({diverged} diverged)" if diverged else "")

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from metattn import checkpoint, registry
 from metattn.config import RunConfig, dump
-from metattn.data.tasks import TaskBatch, fixed_episodes, mean_ci95
+from metattn.data.tasks import TaskBatch, fixed_episodes, mean_ci95, split_finite
 from metattn.errors import CheckpointError, ConfigError, MetattnError
 from metattn.meta.base import Learner
 
@@ -39,14 +39,42 @@ class TrainingError(MetattnError, RuntimeError):
 
 # ---------------------------------------------------------------------- processes and devices
 def setup_distributed() -> tuple[int, int, int]:
-    """Join the torchrun process group if there is one: (rank, world_size, local_rank)."""
+    """Join the torchrun process group if there is one: (rank, world_size, local_rank).
+
+    The backend is NCCL when CUDA is available, else gloo; ``METATTN_DIST_BACKEND`` overrides
+    it (e.g. ``gloo`` to test a multi-process run on a GPU machine's CPUs).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = os.environ.get("METATTN_DIST_BACKEND") or (
+            "nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl" and torch.cuda.is_available():
+            # bind this process to its GPU before NCCL creates its communicators
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
     return 0, 1, 0
+
+
+def _agree(error: Exception | None, world: int) -> None:
+    """Raise ``error`` on every rank if rank 0 found one (so no rank waits forever in a
+    collective that another rank never reaches)."""
+    if world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
+
+
+def _share(obj: Any, world: int) -> Any:
+    """Rank 0's ``obj`` on every rank (checkpoints need not be on a shared filesystem)."""
+    if world <= 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -82,13 +110,21 @@ def evaluate(learner: Learner, episodes: list[TaskBatch], device: torch.device,
             per_task.setdefault(k, []).append(v.detach().float().cpu())
     learner.train(was_training)
     res: dict[str, Any] = {"episodes": sum(b.num_tasks for b in episodes)}
+    # Tasks whose adaptation diverged (non-finite loss) are counted, not averaged in.
     for k, vs in per_task.items():
         v = torch.cat(vs)
         if v.dim() == 1:
-            res[k], res[f"{k}_ci95"] = mean_ci95(v)
+            fin, bad = split_finite(v)
+            res[k], res[f"{k}_ci95"] = mean_ci95(fin) if fin.numel() else (math.inf, math.nan)
+            if bad:
+                res[f"{k}_diverged"] = bad
         else:  # per-step curves [T, steps + 1]
-            res[k] = [mean_ci95(v[:, i])[0] for i in range(v.shape[1])]
-            res[f"{k}_ci95"] = [mean_ci95(v[:, i])[1] for i in range(v.shape[1])]
+            cols = [split_finite(v[:, i]) for i in range(v.shape[1])]
+            stats = [mean_ci95(f) if f.numel() else (math.inf, math.nan) for f, _ in cols]
+            res[k] = [m for m, _ in stats]
+            res[f"{k}_ci95"] = [c for _, c in stats]
+            if any(b for _, b in cols):
+                res[f"{k}_diverged"] = [b for _, b in cols]
     return res
 
 
@@ -101,12 +137,15 @@ def headline(result: dict[str, Any], n_way: int | None) -> tuple[str, float, flo
 def make_optimizer(cfg: RunConfig, learner: Learner):
     t = cfg.train
     params = [p for p in learner.parameters() if p.requires_grad]
+    # foreach: one multi-tensor kernel per update instead of a Python loop over parameters
+    # (PyTorch picks it by default on CUDA only); the same numbers as the loop.
     if t.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+        opt = torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay,
+                              foreach=True)
     elif t.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
     else:
-        opt = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        opt = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
 
     def factor(step: int) -> float:
         warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
@@ -211,6 +250,20 @@ class _Progress:
             self.bar.stop()
 
 
+def _reduce_step(metrics: dict[str, torch.Tensor], loss: torch.Tensor, stop: bool, world: int
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
+    """Average the step's metrics and loss over ranks (equal slices: the whole-batch mean) and
+    OR the stop flags, in one all-reduce."""
+    keys = sorted(metrics)
+    vals = torch.stack([metrics[k].detach().double().reshape(()) for k in keys]
+                       + [loss.detach().double().reshape(()),
+                          torch.tensor(float(stop), dtype=torch.float64, device=loss.device)])
+    dist.all_reduce(vals)
+    stop_any = bool(vals[-1].item() > 0)
+    vals = vals / world
+    return {k: vals[i] for i, k in enumerate(keys)}, vals[len(keys)], stop_any
+
+
 # ---------------------------------------------------------------------- the recipe
 def train(
     cfg: RunConfig,
@@ -220,9 +273,25 @@ def train(
 ) -> dict[str, Any]:
     """Meta-train ``cfg`` into ``out_dir``; returns the summary (also in summary.json).
 
-    ``callbacks`` are called as ``cb(step, metrics)`` after each completed meta-step.
+    ``callbacks`` are called as ``cb(step, metrics)`` after each completed meta-step. Under
+    ``torchrun`` it joins (and at the end leaves) the process group; every rank returns the
+    summary, rank 0 writes the files.
     """
+    if cfg.train.threads:
+        # tiny models (the sinusoid MLP) run faster on one CPU thread than on two
+        torch.set_num_threads(cfg.train.threads)
+    created = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     rank, world, local_rank = setup_distributed()
+    try:
+        return _train(cfg, out_dir, resume, callbacks, rank, world, local_rank)
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
+           callbacks: list[Callable[[int, dict[str, float]], None]] | None,
+           rank: int, world: int, local_rank: int) -> dict[str, Any]:
     is_main = rank == 0
     device = pick_device(cfg.train.device, local_rank)
     dtype = getattr(torch, cfg.train.dtype)
@@ -236,33 +305,43 @@ def train(
     run_dir = Path(out_dir)
     ckpt_path = run_dir / checkpoint.WEIGHTS
 
-    # --- the run directory: new, or resumed
+    # --- the run directory: new, or resumed. Rank 0 decides; every rank raises its error.
+    error: Exception | None = None
+    saved_ckpt = None
     if is_main:
-        if ckpt_path.exists() and not resume:
-            raise CheckpointError(
-                f"{str(run_dir)!r} already holds a run; pass --resume to continue it, or "
-                "--out NEW_DIR to start a new one (nothing was overwritten)")
-        if resume and (run_dir / "config.yaml").is_file():
-            import yaml
+        try:
+            if ckpt_path.exists() and not resume:
+                raise CheckpointError(
+                    f"{str(run_dir)!r} already holds a run; pass --resume to continue it, or "
+                    "--out NEW_DIR to start a new one (nothing was overwritten)")
+            if resume and not ckpt_path.exists():
+                raise CheckpointError(f"--resume: no checkpoint in {str(run_dir)!r}; "
+                                      "start without --resume")
+            if resume and (run_dir / "config.yaml").is_file():
+                import yaml
 
-            saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-            diff = _config_diff(saved, cfg.to_dict())
-            if diff:
-                raise ConfigError(
-                    "--resume: the config differs from the run's config.yaml in "
-                    f"{diff}; only {sorted(RESUMABLE_KEYS)} may change when resuming")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_write_bytes(run_dir / "config.yaml", dump(cfg).encode())
+                saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+                diff = _config_diff(saved, cfg.to_dict())
+                if diff:
+                    raise ConfigError(
+                        "--resume: the config differs from the run's config.yaml in "
+                        f"{diff}; only {sorted(RESUMABLE_KEYS)} may change when resuming")
+            if resume:
+                saved_ckpt = checkpoint.load(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.atomic_write_bytes(run_dir / "config.yaml", dump(cfg).encode())
+        except MetattnError as err:
+            error = err
+    _agree(error, world)
 
     train_tasks, test_tasks, learner = build(cfg, device)
     opt, sched = make_optimizer(cfg, learner)
     gen = torch.Generator().manual_seed(cfg.seed)  # the task stream, identical on every rank
     start, elapsed, best = 0, 0.0, None
     if resume:
-        if not ckpt_path.exists():
-            raise CheckpointError(f"--resume: no checkpoint in {str(run_dir)!r}; "
-                                  "start without --resume")
-        tensors, state = checkpoint.load(run_dir)
+        # rank 0 read the checkpoint; the others get it from rank 0, so resuming on any
+        # number of processes (or nodes without a shared filesystem) restores the same state
+        tensors, state = _share(saved_ckpt, world)
         checkpoint.restore(tensors, state, learner, opt)
         sched.load_state_dict(state["scheduler"])
         gen.set_state(tensors["extra/task_generator"])
@@ -304,6 +383,11 @@ def train(
             raise KeyboardInterrupt
         stop_requested = True
 
+    stop_agreed = False  # under several processes, stop only when all ranks know it
+
+    def stopping() -> bool:
+        return stop_agreed if world > 1 else stop_requested
+
     old_handler = None
     try:
         old_handler = signal.signal(signal.SIGINT, on_sigint)
@@ -319,7 +403,7 @@ def train(
     t_window, tasks_window = time.perf_counter(), 0
     step = start
     try:
-        while step < cfg.train.steps and not stop_requested:
+        while step < cfg.train.steps and not stopping():
             t0 = time.perf_counter()
             if hasattr(train_tasks, "set_step"):  # curricula (e.g. in-context learning)
                 train_tasks.set_step(step)
@@ -329,9 +413,16 @@ def train(
             learner.train()
             with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
                 loss, metrics = model(batch, None, step)
-            if not torch.isfinite(loss):
+            if world > 1:
+                # one small collective: whole-batch metrics for the log, the same finiteness
+                # verdict and the same Ctrl-C decision on every rank
+                metrics, loss_all, stop_agreed = _reduce_step(
+                    metrics, loss, stop_requested, world)
+            else:
+                loss_all = loss.detach()
+            if not torch.isfinite(loss_all):
                 raise TrainingError(
-                    f"meta-loss is {loss.item()} at step {step}; the last checkpoint in "
+                    f"meta-loss is {loss_all.item()} at step {step}; the last checkpoint in "
                     f"{str(run_dir)!r} is kept. Lower train.lr or the learner's inner_lr, or "
                     "set train.grad_clip")
             opt.zero_grad(set_to_none=True)
@@ -380,7 +471,7 @@ def train(
         else:
             if step > start or not ckpt_path.exists():
                 save(step)
-        if stop_requested:
+        if stopping():
             progress.print(f"[metattn] interrupted: checkpoint at step {step} in {run_dir}; "
                            "continue with --resume")
     finally:
@@ -389,7 +480,7 @@ def train(
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
 
-    if stop_requested:
+    if stopping():
         raise KeyboardInterrupt
     summary = final_evaluation(cfg, learner, test_tasks, run_dir, device, dtype, n_way,
                                step, elapsed, write=is_main)

@@ -13,17 +13,25 @@ from 5 to d). Shapes: x ``[T, n, d]``, y ``[T, n, 1]``. Everything is drawn from
 
 ``sample(..., k_shot=..., d_active=...)`` overrides the instance's values for one draw (the
 curriculum and the error-vs-k curves vary both).
+
+:class:`Curriculum` is Garg et al.'s schedule of ``(d_active, prompt points)`` over outer steps;
+:class:`CurriculumTasks` wraps a sampler so that the recipe's ``set_step(step)`` (called before
+every meta-batch) follows it. Only the TRAIN sampler is wrapped: test prompts use the full d
+and length.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from metattn.data.tasks import TaskBatch
-from metattn.errors import TaskError
+from metattn.errors import ConfigError, TaskError
 
 
 class _FunctionFamily:
@@ -206,3 +214,141 @@ class DecisionTreeTasks(_FunctionFamily):
             node = 2 * node + 1 + right.long()
         leaf = node - (2**depth - 1)
         return torch.gather(leaves, 1, leaf).unsqueeze(-1)
+
+
+# ------------------------------------------------------------------ curriculum
+@dataclass
+class Curriculum:
+    """Garg et al.'s curriculum: every ``every`` outer steps, ``d_inc`` more active input
+    coordinates (``d_start`` -> ``d_end``) and ``points_inc`` more prompt points
+    (``points_start`` -> ``points_end``). Defaults are the paper's for d = 20 (d 5 -> 20 and
+    11 -> 41 points, +1 and +2 every 2000 steps)."""
+
+    d_start: int = 5
+    d_end: int = 20
+    d_inc: int = 1
+    points_start: int = 11
+    points_end: int = 41
+    points_inc: int = 2
+    every: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ConfigError(f"Curriculum.every={self.every}; it must be >= 1")
+        if not 1 <= self.d_start <= self.d_end:
+            raise ConfigError(
+                f"Curriculum: d_start={self.d_start}, d_end={self.d_end}; need "
+                "1 <= d_start <= d_end"
+            )
+        if not 2 <= self.points_start <= self.points_end:
+            raise ConfigError(
+                f"Curriculum: points_start={self.points_start}, points_end="
+                f"{self.points_end}; need 2 <= points_start <= points_end"
+            )
+        if self.d_inc < 0 or self.points_inc < 0:
+            raise ConfigError(
+                f"Curriculum: d_inc={self.d_inc}, points_inc={self.points_inc}; they must be >= 0"
+            )
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any], d: int, n_points: int) -> Curriculum:
+        """From a config mapping (a task's ``curriculum:`` key). ``d_end`` and ``points_end``
+        default to the task's ``d`` and prompt length ``n_points`` (= k_shot + k_query), which
+        they may not exceed."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key, value in options.items():
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ConfigError(f"task.curriculum.{key}: unknown key; {hint}valid keys: {names}")
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(
+                    f"task.curriculum.{key}: got {value!r} ({type(value).__name__}), expected "
+                    "an int"
+                )
+        opts = {"d_end": d, "points_end": n_points, **options}
+        if "d_start" not in options:
+            opts["d_start"] = min(cls.d_start, opts["d_end"])
+        if "points_start" not in options:
+            opts["points_start"] = min(cls.points_start, opts["points_end"])
+        cur = cls(**opts)
+        if cur.d_end > d:
+            raise ConfigError(f"task.curriculum.d_end={cur.d_end} exceeds the task's d={d}")
+        if cur.points_end > n_points:
+            raise ConfigError(
+                f"task.curriculum.points_end={cur.points_end} exceeds the task's prompt length "
+                f"k_shot + k_query = {n_points}; raise k_shot or lower points_end"
+            )
+        return cur
+
+    def __call__(self, step: int) -> tuple[int, int]:
+        """``(d_active, n_points)`` at outer step ``step``."""
+        stage = max(int(step), 0) // self.every
+        d = min(self.d_start + stage * self.d_inc, self.d_end)
+        n = min(self.points_start + stage * self.points_inc, self.points_end)
+        return d, n
+
+    def apply(self, sampler: Any, step: int) -> Any:
+        """A copy of a dataclass sampler with ``d_active`` and ``k_shot = n_points - k_query``
+        set for ``step`` (the samplers of this module)."""
+        d, n = self(step)
+        return dataclasses.replace(sampler, d_active=d, k_shot=max(n - sampler.k_query, 1))
+
+
+class CurriculumTasks:
+    """A training sampler that follows a :class:`Curriculum`.
+
+    The recipe calls :meth:`set_step` before drawing each meta-batch (and again after a
+    resume, so a resumed run sees the same schedule); :meth:`sample` then draws prompts with
+    that step's ``d_active`` and length. Other attributes (``d``, ``k_query``, ``function``,
+    ...) are those of the wrapped sampler.
+    """
+
+    def __init__(self, base: Any, curriculum: Curriculum):
+        if not dataclasses.is_dataclass(base) or not {"d_active", "k_shot", "k_query"} <= {
+            f.name for f in dataclasses.fields(base)
+        }:
+            raise ConfigError(
+                f"CurriculumTasks: {type(base).__name__} has no d_active/k_shot/k_query fields; "
+                "a curriculum needs a function-class sampler (linear, relu_net, decision_tree)"
+            )
+        if curriculum.d_end > base.d:
+            raise ConfigError(f"Curriculum.d_end={curriculum.d_end} exceeds d={base.d}")
+        if curriculum.points_start <= base.k_query:
+            raise ConfigError(
+                f"Curriculum.points_start={curriculum.points_start} leaves no support point "
+                f"besides k_query={base.k_query}; raise points_start"
+            )
+        self.base = base
+        self.curriculum = curriculum
+        self.step = 0
+        self.current = curriculum.apply(base, 0)
+
+    def set_step(self, step: int) -> None:
+        """Follow the schedule at outer step ``step``."""
+        self.step = int(step)
+        if self.curriculum(step) != (self.current.d_active, self.n_points):
+            self.current = self.curriculum.apply(self.base, step)
+
+    @property
+    def d_active(self) -> int:
+        """Active input coordinates at the current step."""
+        return int(self.current.d_active)
+
+    @property
+    def n_points(self) -> int:
+        """Prompt length (support + query points) at the current step."""
+        return int(self.current.k_shot + self.current.k_query)
+
+    def sample(self, num_tasks: int, generator: torch.Generator, **overrides: Any) -> TaskBatch:
+        """Draw from the current stage (keyword overrides as in the wrapped sampler)."""
+        return self.current.sample(num_tasks, generator, **overrides)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("base", "current", "curriculum"):  # not yet set (e.g. during unpickling)
+            raise AttributeError(name)
+        return getattr(self.current, name)
+
+    def __repr__(self) -> str:
+        return (f"CurriculumTasks({self.base!r}, {self.curriculum!r}, step={self.step}, "
+                f"d_active={self.d_active}, n_points={self.n_points})")

@@ -190,7 +190,11 @@ def fixed_episodes(
 
 
 def mean_ci95(values: torch.Tensor | np.ndarray | list[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95% confidence interval (normal approximation, 1.96 SE)."""
+    """Mean and half-width of the 95% confidence interval (normal approximation, 1.96 SE).
+
+    Non-finite values (diverged tasks) make the mean non-finite on purpose: count them with
+    :func:`split_finite` and report them beside the mean of the rest.
+    """
     v = np.asarray(
         values.detach().cpu().double().numpy() if isinstance(values, torch.Tensor) else values,
         dtype=np.float64,
@@ -201,3 +205,9 @@ def mean_ci95(values: torch.Tensor | np.ndarray | list[float]) -> tuple[float, f
     if v.size < 2:
         return mean, float("nan")
     return mean, float(1.96 * v.std(ddof=1) / math.sqrt(v.size))
+
+
+def split_finite(values: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The finite values and how many were not finite (e.g. tasks whose inner loop diverged)."""
+    ok = torch.isfinite(values)
+    return values[ok], int((~ok).sum())

@@ -138,6 +138,27 @@ def adapted_predict_fn(learner: Learner) -> PredictFn:
     return predict
 
 
+def maml_predict_fn(learner: Learner, steps: int | None = None) -> PredictFn:
+    """A batched predictor from a MAML-family learner: every task of the batch adapts at
+    once (vmap where the learner uses it) with ``steps`` inner steps (default
+    ``eval_inner_steps``). With k = 0 (no support point) it predicts with the meta-learned
+    initialisation, the learner's best guess before seeing data."""
+    import torch.nn.functional as F
+
+    from metattn.data.tasks import TaskBatch
+
+    def predict(sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
+        n = learner.eval_inner_steps if steps is None else steps
+        qy = qx.new_zeros(*qx.shape[:2], sy.shape[-1])
+        if sx.shape[1] == 0:  # nothing to adapt on: the initialisation (support unused)
+            sx, sy, n = qx, qy, 0
+        with torch.no_grad():
+            out = learner._run(TaskBatch(sx, sy, qx, qy), F.mse_loss, n, True, [n])[2]
+        return out[:, -1]
+
+    return predict
+
+
 @dataclass
 class ErrorCurve:
     """Normalised squared error (squared error / d) of point k+1 given k, with 95% CIs."""

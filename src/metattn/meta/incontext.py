@@ -16,21 +16,19 @@ support tokens and itself only (a block mask, with every query at the position t
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metattn.data.functions import Curriculum, CurriculumTasks  # noqa: F401 (re-exported)
 from metattn.data.tasks import TaskBatch
 from metattn.errors import ConfigError, TaskError
 from metattn.meta.base import Learner, LossFn
 from metattn.nn.attention import MultiHeadAttention, TransformerEncoder, record_attention
-
-S = TypeVar("S")
 
 
 class ICLTransformer(nn.Module):
@@ -42,6 +40,11 @@ class ICLTransformer(nn.Module):
         d_model, n_layers, n_heads, d_ff, dropout: the Transformer (Garg et al.'s standard
             model is 256 x 12 layers x 8 heads).
         max_points: longest prompt in (x, y) pairs; there are ``2 * max_points`` positions.
+        token_layout: ``"shared"`` (Garg et al.: tokens are ``max(d_x, d_y)`` wide and y sits
+            in the first coordinate, where x_1 sits in x tokens, so only the positional
+            embedding tells them apart) or ``"disjoint"`` (tokens are ``d_x + d_y`` wide, x in
+            the first d_x coordinates and y in the last d_y: the read-in keeps values and
+            inputs in separate directions, which trains faster on small budgets).
     """
 
     def __init__(
@@ -54,22 +57,35 @@ class ICLTransformer(nn.Module):
         max_points: int = 101,
         d_ff: int | None = None,
         dropout: float = 0.0,
+        token_layout: Literal["shared", "disjoint"] = "shared",
     ):
         super().__init__()
+        if token_layout not in ("shared", "disjoint"):
+            raise ConfigError(
+                f"ICLTransformer: token_layout={token_layout!r}; choose 'shared' or 'disjoint'"
+            )
         self.d_x, self.d_y = int(d_x), int(d_y)
-        self.d_token = max(self.d_x, self.d_y)
+        self.token_layout = token_layout
+        disjoint = token_layout == "disjoint"
+        self.d_token = self.d_x + self.d_y if disjoint else max(self.d_x, self.d_y)
+        # (left, right) zero padding of x and of y values into a token
+        self._x_pad = (0, self.d_token - self.d_x)
+        self._y_pad = (self.d_x, 0) if disjoint else (0, self.d_token - self.d_y)
         self.max_points = int(max_points)
         self.read_in = nn.Linear(self.d_token, d_model)
         self.pos = nn.Parameter(torch.randn(2 * self.max_points, d_model) * 0.02)
         self.encoder = TransformerEncoder(d_model, n_heads, n_layers, d_ff, dropout)
         self.head = nn.Linear(d_model, self.d_y)
 
-    def _pad(self, t: torch.Tensor) -> torch.Tensor:
-        return F.pad(t, (0, self.d_token - t.shape[-1]))
+    def _pad_x(self, t: torch.Tensor) -> torch.Tensor:
+        return F.pad(t, self._x_pad)
+
+    def _pad_y(self, t: torch.Tensor) -> torch.Tensor:
+        return F.pad(t, self._y_pad)
 
     def tokens(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         """``[B, n, d_x]``, ``[B, n, d_y]`` -> interleaved ``[B, 2n, d_token]``: x_1, y_1, ..."""
-        return torch.stack([self._pad(xs), self._pad(ys)], dim=2).flatten(1, 2)
+        return torch.stack([self._pad_x(xs), self._pad_y(ys)], dim=2).flatten(1, 2)
 
     def _check_len(self, n_points: int) -> None:
         if n_points > self.max_points:
@@ -106,7 +122,7 @@ class ICLTransformer(nn.Module):
         k, q = support_x.shape[1], query_x.shape[1]
         self._check_len(k + 1)
         ctx = self.tokens(support_x, support_y)
-        seq = torch.cat([ctx, self._pad(query_x)], dim=1)
+        seq = torch.cat([ctx, self._pad_x(query_x)], dim=1)
         pos = torch.cat([self.pos[: 2 * k], self.pos[2 * k].expand(q, -1)], dim=0)
         h = self.read_in(seq) + pos
         h = self.encoder(h, mask=self.query_mask(k, q, seq.device))
@@ -124,48 +140,6 @@ class QueryAttention:
 
     weights: torch.Tensor
     per_example: torch.Tensor
-
-
-@dataclass
-class Curriculum:
-    """Garg et al.'s curriculum: every ``every`` outer steps, one more active input
-    coordinate (``d_start`` -> ``d_end``) and ``points_inc`` more prompt points
-    (``points_start`` -> ``points_end``). Defaults are the paper's for d = 20."""
-
-    d_start: int = 5
-    d_end: int = 20
-    d_inc: int = 1
-    points_start: int = 11
-    points_end: int = 41
-    points_inc: int = 2
-    every: int = 2000
-
-    def __post_init__(self) -> None:
-        if self.every < 1:
-            raise ConfigError(f"Curriculum.every={self.every}; it must be >= 1")
-        if not 1 <= self.d_start <= self.d_end:
-            raise ConfigError(
-                f"Curriculum: d_start={self.d_start}, d_end={self.d_end}; need "
-                "1 <= d_start <= d_end"
-            )
-        if not 2 <= self.points_start <= self.points_end:
-            raise ConfigError(
-                f"Curriculum: points_start={self.points_start}, points_end="
-                f"{self.points_end}; need 2 <= points_start <= points_end"
-            )
-
-    def __call__(self, step: int) -> tuple[int, int]:
-        """``(d_active, n_points)`` at outer step ``step``."""
-        stage = max(int(step), 0) // self.every
-        d = min(self.d_start + stage * self.d_inc, self.d_end)
-        n = min(self.points_start + stage * self.points_inc, self.points_end)
-        return d, n
-
-    def apply(self, sampler: S, step: int) -> S:
-        """A copy of a dataclass sampler with ``d_active`` and ``k_shot = n_points - k_query``
-        set for ``step`` (the samplers of :mod:`metattn.data.functions`)."""
-        d, n = self(step)
-        return dataclasses.replace(sampler, d_active=d, k_shot=max(n - sampler.k_query, 1))
 
 
 class InContextPredictor:
@@ -261,7 +235,14 @@ class InContextLearner(Learner):
         return loss, metrics
 
     def evaluate(self, batch: TaskBatch, loss_fn: LossFn | None = None) -> dict[str, torch.Tensor]:
-        """Per-task query loss ``[T]`` given the support set as context (queries independent)."""
+        """Per-task metrics given the support set as context (queries independent).
+
+        * ``loss`` ``[T]``: query MSE (or ``loss_fn``) given all K support points.
+        * ``error_vs_k`` ``[T, K + 1]``: the error-vs-k curve of Garg et al., column k the
+          squared error / d of predicting a point from the first k of the prompt
+          ``support + first query`` (one causal pass; column K is the first query's). The
+          recipe reports its column means, so ``summary.json`` holds the whole curve.
+        """
         self._check(batch)
         with torch.no_grad():
             pred = self.model.predict(batch.support_x, batch.support_y, batch.query_x)
@@ -270,7 +251,10 @@ class InContextLearner(Learner):
             else:
                 loss = torch.stack([loss_fn(pred[t], batch.query_y[t])
                                     for t in range(batch.num_tasks)])
-        return {"loss": loss}
+            xs = torch.cat([batch.support_x, batch.query_x[:, :1]], 1)
+            ys = torch.cat([batch.support_y, batch.query_y[:, :1]], 1)
+            err = (self.model(xs, ys) - ys).pow(2).flatten(2).sum(-1) / xs[0, 0].numel()
+        return {"loss": loss, "error_vs_k": err}
 
     def adapt(
         self, support_x: torch.Tensor, support_y: torch.Tensor, loss_fn: LossFn | None = None

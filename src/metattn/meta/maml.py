@@ -104,6 +104,16 @@ class MAML(Learner):
         eval_inner_steps: inner steps used by ``evaluate``/``adapt`` (default ``inner_steps``).
         vectorize: ``True`` (vmap over tasks), ``False`` (loop) or ``"auto"`` (measured choice).
         chunk_size: vmap this many tasks at a time (bounds memory); None = all at once.
+        checkpoint: recompute each inner step's graph during the outer backward instead of
+            storing it (second order, with gradients enabled): the inner loop's memory then
+            stays flat in ``inner_steps`` (only each step's parameters are kept), for about
+            one more support forward and backward per step. Same meta-gradient.
+        per_task_backward: in the loop (``vectorize=False``), back-propagate each task's query
+            loss as soon as its inner loop is done (inside ``meta_loss``), so only ONE task's
+            graph is alive at a time (memory independent of the meta-batch size; the default).
+            The returned meta-loss carries the summed meta-gradient: ``backward`` works as
+            usual (scaling, adding other losses, DDP), but it cannot be differentiated again
+            (``create_graph=True``); set False for that.
         loss_fn: default loss; None = cross-entropy for classification batches, else MSE.
         check_finite: raise :class:`InnerLoopError` when an inner loss is NaN/inf.
 
@@ -129,6 +139,8 @@ class MAML(Learner):
         loss_fn: LossFn | None = None,
         check_finite: bool = True,
         has_norms: bool | None = None,
+        checkpoint: bool = False,
+        per_task_backward: bool = True,
     ):
         super().__init__()
         if inner_steps < 0:
@@ -152,10 +164,13 @@ class MAML(Learner):
                                     else inner_steps)
         self.vectorize = vectorize
         self.chunk_size = chunk_size
+        self.checkpoint = bool(checkpoint)
+        self.per_task_backward = bool(per_task_backward)
         self.loss_fn = loss_fn
         self.check_finite = check_finite
         params = dict(model.named_parameters())
         # The norm rewrite costs a Python call per op: enter it only for models with norms.
+        self._declared_norms = bool(has_norms)
         self._has_norms = has_norms if has_norms is not None else any(
             isinstance(mod, _NORM_TYPES) for mod in model.modules())
         self._has_conv = any(isinstance(mod, nn.modules.conv._ConvNd) for mod in model.modules())
@@ -173,13 +188,14 @@ class MAML(Learner):
                 )
 
     # ------------------------------------------------------------------ pieces
-    def _lr(self, name: str, step: int) -> torch.Tensor | float:
+    def _lr(self, name: str, step: int, rates: Params | None = None) -> torch.Tensor | float:
         mode = self.learn_inner_lr
         if mode is None:
             return self.inner_lr
+        rates = self.inner_lrs if rates is None else rates
         if mode == "scalar":
-            return self.inner_lrs["all"]
-        lr = self.inner_lrs[_key(name)]
+            return rates["all"]
+        lr = rates[_key(name)]
         if mode == "per_layer_step":
             return lr[min(step, lr.shape[0] - 1)]
         return lr
@@ -191,6 +207,18 @@ class MAML(Learner):
             (fast if n in adapt else slow)[n] = p
         buffers = dict(self.model.named_buffers())
         return fast, slow, buffers
+
+    def _needs_rewrite(self, vectorized: bool) -> bool:
+        """Whether the inner loop must run under :class:`NormRewrite`. Under vmap: any norm
+        (affine split). In the loop it only drops running-stat updates, so models whose norms
+        keep no running statistics (LayerNorm, Conv4's BatchNorm) skip its per-op Python call."""
+        if not self._has_norms:
+            return False
+        if vectorized or self._declared_norms:
+            return True
+        return any(isinstance(mod, nn.modules.batchnorm._NormBase)
+                   and getattr(mod, "running_mean", None) is not None
+                   for mod in self.model.modules())
 
     def _use_vmap(self, device: torch.device) -> bool:
         """vmap or loop. ``auto``, by measurement (torch 2.13, meta-batches of the issue's
@@ -298,27 +326,180 @@ class MAML(Learner):
         steps: int,
         first_order: bool,
         record: Sequence[int],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run the inner loop on every task; outputs have a leading task dimension."""
+        weights: Sequence[float] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Run the inner loop on every task; outputs have a leading task dimension.
+
+        With ``weights`` (the query-loss weight of each recorded step) the loop path may
+        back-propagate task by task (``per_task_backward``): it then also returns the
+        meta-loss, else None (the caller builds it from the query losses)."""
         fast, slow, buffers = self._split_params()
         use_vmap = self._use_vmap(batch.support_x.device)
         f = self._task_fn(fast, slow, buffers, loss_fn, steps, first_order, record, use_vmap)
         args = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-        with ExitStack() as stack:
-            # The math attention path is needed for a second derivative, and under vmap
-            # (the fused CPU kernels have no batching rule: vmap would loop over them).
-            if use_vmap or (not first_order and steps > 0 and torch.is_grad_enabled()):
+        # The math attention path is needed for a second derivative, and under vmap
+        # (the fused CPU kernels have no batching rule: vmap would loop over them).
+        need_math = use_vmap or (not first_order and steps > 0 and torch.is_grad_enabled())
+
+        def contexts() -> ExitStack:
+            stack = ExitStack()
+            if need_math:
                 stack.enter_context(double_backward())
-            if self._has_norms:
+            if self._needs_rewrite(use_vmap):
                 stack.enter_context(NormRewrite(split_affine=use_vmap))
-            if use_vmap:
+            return stack
+
+        ckpt = self.checkpoint and not first_order and steps > 0 and torch.is_grad_enabled()
+        taskwise = (weights is not None and self.per_task_backward and not use_vmap
+                    and torch.is_grad_enabled())
+        loss = None
+
+        def one_task(t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            if ckpt:
+                s_, q_, o_ = self._run_checkpointed(batch.slice(t, t + 1), loss_fn, steps,
+                                                    record, False, contexts)
+                return s_[0], q_[0], o_[0]
+            return f(*(a[t] for a in args))
+
+        with contexts():
+            if taskwise:
+                s, q, o, loss = self._taskwise(one_task, batch.num_tasks, weights)
+            elif ckpt:
+                s, q, o = self._run_checkpointed(batch, loss_fn, steps, record, use_vmap,
+                                                 contexts)
+            elif use_vmap:
                 s, q, o = vmap(f, randomness="different", chunk_size=self.chunk_size)(*args)
             else:
                 outs = [f(*(a[t] for a in args)) for t in range(batch.num_tasks)]
                 s, q, o = (torch.stack(z) for z in zip(*outs, strict=True))
-        if self.check_finite:
+        # Training stops on a non-finite inner loss; evaluation (no grad) reports it instead:
+        # a diverged test task is a result (counted as such by the recipe), not a crash.
+        if self.check_finite and torch.is_grad_enabled():
             self._check_finite(s, q, record)
-        return s, q, o
+        return s, q, o, loss
+
+    @staticmethod
+    def _taskwise(one_task: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                  num_tasks: int, weights: Sequence[float]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-task backward: the meta-gradient of each task's weighted query loss is taken
+        right after its inner loop, and the task's graph is freed before the next task."""
+        leaves: list[torch.Tensor] | None = None
+        total: list[torch.Tensor | None] = []
+        value = None
+        outs = []
+        for t in range(num_tasks):
+            s_t, q_t, o_t = one_task(t)
+            w = torch.tensor(weights, dtype=q_t.dtype, device=q_t.device)
+            loss_t = (q_t * w).sum() / num_tasks
+            if leaves is None:
+                leaves = _graph_leaves(loss_t)
+                total = [None] * len(leaves)
+            if leaves:
+                # a backward, so outside any autocast region (as loss.backward() would be)
+                with torch.autocast(q_t.device.type, enabled=False):
+                    gs = torch.autograd.grad(loss_t, leaves, allow_unused=True)
+                total = [g if acc is None else (acc if g is None else acc + g)
+                         for acc, g in zip(total, gs, strict=True)]
+            value = loss_t.detach() if value is None else value + loss_t.detach()
+            outs.append((s_t.detach(), q_t.detach(), o_t.detach()))
+        s, q, o = (torch.stack(z) for z in zip(*outs, strict=True))
+        loss = _PerTaskMetaLoss.apply(value, tuple(total), *leaves) if leaves else value
+        return s, q, o, loss
+
+    def _run_checkpointed(
+        self,
+        batch: TaskBatch,
+        loss_fn: LossFn,
+        steps: int,
+        record: Sequence[int],
+        use_vmap: bool,
+        contexts: Callable[[], ExitStack],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Second-order inner loop with each step's graph recomputed in the backward.
+
+        Each inner step is one :class:`_RecomputedStep` (a custom autograd function): its
+        forward keeps only its inputs (the step's parameters), its backward re-runs the step
+        with ``create_graph`` and back-propagates through it. Under vmap a step covers all
+        tasks; in the loop, one task.
+        """
+        fast, slow, buffers = self._split_params()
+        model = self.model
+        names, slow_names = list(fast), list(slow)
+        rate_keys = list(self.inner_lrs.keys())
+        n_fast, n_slow = len(names), len(slow_names)
+
+        def task_step(i: int, create_graph: bool, sx, sy, p_vals, slow_vals, rate_vals):
+            """One inner step of one task: (new fast parameters, support loss)."""
+            sl = dict(zip(slow_names, slow_vals))
+            rates = dict(zip(rate_keys, rate_vals))
+
+            def support_loss(p_: Params) -> torch.Tensor:
+                return loss_fn(functional_call(model, (p_, sl, buffers), (sx,)), sy)
+
+            if use_vmap:  # torch.func.grad ignores the outer grad mode
+                p = dict(zip(names, p_vals))
+                g, loss = grad_and_value(support_loss)(p)
+                return tuple(p[k] - self._lr(k, i, rates) * g[k] for k in names), loss
+            with torch.enable_grad():
+                if not create_graph:
+                    p_vals = tuple(v.detach().requires_grad_() for v in p_vals)
+                p = dict(zip(names, p_vals))
+                loss = support_loss(p)
+                gs = torch.autograd.grad(loss, p_vals, allow_unused=True,
+                                         create_graph=create_graph)
+                g = {k: torch.zeros_like(p[k]) if gk is None else gk
+                     for k, gk in zip(names, gs, strict=True)}
+                return tuple(p[k] - self._lr(k, i, rates) * g[k] for k in names), loss
+
+        def make_step(i: int, batched_params: bool):
+            def step(create_graph, sx, sy, *tensors):
+                p_vals = tensors[:n_fast]
+                slow_vals = tensors[n_fast:n_fast + n_slow]
+                rate_vals = tensors[n_fast + n_slow:]
+                if not use_vmap:
+                    return task_step(i, create_graph, sx, sy, p_vals, slow_vals, rate_vals)
+                dims = (0, 0, 0 if batched_params else None, None, None)
+                return vmap(lambda *a: task_step(i, create_graph, *a), in_dims=dims,
+                            randomness="different", chunk_size=self.chunk_size
+                            )(sx, sy, tuple(p_vals), tuple(slow_vals), tuple(rate_vals))
+            return step
+
+        def measure(p_vals, qx):
+            p = dict(zip(names, p_vals))
+            return functional_call(model, (p, slow, buffers), (qx,))
+
+        slow_vals = tuple(slow.values())
+        rate_vals = tuple(self.inner_lrs.values())
+        if use_vmap:
+            tasks = [(batch.support_x, batch.support_y, batch.query_x, batch.query_y)]
+        else:
+            tasks = [(batch.support_x[t], batch.support_y[t], batch.query_x[t],
+                      batch.query_y[t]) for t in range(batch.num_tasks)]
+        s_all, q_all, o_all = [], [], []
+        for sx, sy, qx, qy in tasks:
+            p_vals = tuple(fast.values())
+            s_losses, q_losses, q_outs = [], [], []
+            for i in range(steps):
+                outs = _RecomputedStep.apply(make_step(i, use_vmap and i > 0), contexts,
+                                             sx, sy, *p_vals, *slow_vals, *rate_vals)
+                p_vals, loss = outs[:-1], outs[-1]
+                s_losses.append(loss)
+                if i + 1 in record:
+                    if use_vmap:
+                        out = vmap(measure, randomness="different")(p_vals, qx)
+                        q_losses.append(vmap(loss_fn)(out, qy))
+                    else:
+                        out = measure(p_vals, qx)
+                        q_losses.append(loss_fn(out, qy))
+                    q_outs.append(out)
+            dim = 1 if use_vmap else 0
+            s_all.append(torch.stack(s_losses, dim))
+            q_all.append(torch.stack(q_losses, dim))
+            o_all.append(torch.stack(q_outs, dim))
+        if use_vmap:
+            return s_all[0], q_all[0], o_all[0]
+        return torch.stack(s_all), torch.stack(q_all), torch.stack(o_all)
 
     def _check_finite(self, s: torch.Tensor, q: torch.Tensor, record: Sequence[int]) -> None:
         for name, losses, labels in (("support", s, None), ("query", q, record)):
@@ -328,7 +509,8 @@ class MAML(Learner):
                 step = idx if labels is None else labels[idx]
                 raise InnerLoopError(
                     f"MAML inner loop: the {name} loss of task {task} is "
-                    f"{float(losses[task, idx].detach())} at inner step {step} (inner_lr={self.inner_lr}, "
+                    f"{float(losses[task, idx].detach())} at inner step {step} "
+                    f"(inner_lr={self.inner_lr}, "
                     f"learn_inner_lr={self.learn_inner_lr}); lower inner_lr, check the task "
                     "inputs for NaN/inf, or normalise the targets"
                 )
@@ -348,9 +530,10 @@ class MAML(Learner):
         weights = self.msl_weights(n, step)
         record = [i + 1 for i, w in enumerate(weights) if w > 0] if n > 0 else [0]
         w = [weights[r - 1] for r in record] if n > 0 else [1.0]
-        s, q, o = self._run(batch, loss_fn, n, first_order, record)
-        w_t = torch.tensor(w, dtype=q.dtype, device=q.device)
-        loss = (q * w_t).sum(-1).mean()
+        s, q, o, loss = self._run(batch, loss_fn, n, first_order, record, weights=w)
+        if loss is None:
+            w_t = torch.tensor(w, dtype=q.dtype, device=q.device)
+            loss = (q * w_t).sum(-1).mean()
         metrics = {"loss": q[:, -1].mean().detach()}
         if n > 0:
             metrics["support_loss"] = s[:, 0].mean().detach()
@@ -369,7 +552,7 @@ class MAML(Learner):
         loss_fn = loss_fn or self.loss_fn or default_loss(batch)
         steps = self.eval_inner_steps if steps is None else steps
         with torch.no_grad():
-            s, q, o = self._run(batch, loss_fn, steps, True, list(range(steps + 1)))
+            s, q, o, _ = self._run(batch, loss_fn, steps, True, list(range(steps + 1)))
         out = {"loss": q[:, -1], "loss_per_step": q}
         if batch.n_way is not None:
             acc = accuracy(o, batch.query_y.unsqueeze(1))
@@ -399,7 +582,7 @@ class MAML(Learner):
             return loss_fn(functional_call(model, (p, slow, bufs), (batch.support_x[0],)),
                            batch.support_y[0])
 
-        with torch.no_grad(), NormRewrite(split_affine=False) if self._has_norms \
+        with torch.no_grad(), NormRewrite(split_affine=False) if self._needs_rewrite(False) \
                 else nullcontext():
             for i in range(steps):
                 g, loss = grad_and_value(support_loss)(p, buffers)
@@ -411,6 +594,83 @@ class MAML(Learner):
                 p = {k: p[k] - self._lr(k, i) * g[k] for k in p}
         slow_d = {k: v.detach() for k, v in slow.items()}
         return AdaptedModel(model, {**slow_d, **p}, buffers)
+
+
+def _graph_leaves(t: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors (parameters, inputs requiring grad) that ``t``'s graph reaches."""
+    seen, leaves, stack = set(), [], [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)  # AccumulateGrad
+        if var is not None and not node.next_functions:
+            leaves.append(var)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return leaves
+
+
+class _PerTaskMetaLoss(torch.autograd.Function):
+    """The meta-loss value with its meta-gradient already computed (task by task)."""
+
+    @staticmethod
+    def forward(ctx, value, grads, *leaves):
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "MAML(per_task_backward=True) computed the meta-gradient inside meta_loss; it "
+                "cannot be differentiated again (create_graph=True). Build the learner with "
+                "per_task_backward=False (or vectorize=True) for higher-order derivatives")
+        return (None, None, *(None if g is None else g * grad_out for g in ctx.grads))
+
+
+class _RecomputedStep(torch.autograd.Function):
+    """``step(sx, sy, *tensors) -> (*new_params, support_loss)`` run without keeping its graph;
+    the backward re-runs it (same RNG state, autocast and metattn contexts) with the graph and
+    back-propagates through it. The support loss is returned detached."""
+
+    @staticmethod
+    def forward(ctx, step, contexts, sx, sy, *tensors):
+        ctx.step, ctx.contexts = step, contexts
+        ctx.device = sx.device
+        ctx.rng = torch.get_rng_state()
+        ctx.cuda_rng = (torch.cuda.get_rng_state(sx.device) if sx.device.type == "cuda"
+                        else None)
+        ctx.autocast = (torch.is_autocast_enabled(sx.device.type),
+                        torch.get_autocast_dtype(sx.device.type))
+        ctx.save_for_backward(sx, sy, *tensors)
+        new, loss = step(False, sx, sy, *tensors)
+        loss = loss.detach()
+        ctx.mark_non_differentiable(loss)
+        return (*(t.detach() for t in new), loss)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        sx, sy, *tensors = ctx.saved_tensors
+        ins = [t.detach().requires_grad_(t.is_floating_point()) for t in tensors]
+        devices = [ctx.device] if ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), ctx.contexts():
+            torch.set_rng_state(ctx.rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+            with torch.autocast(ctx.device.type, dtype=ctx.autocast[1],
+                                enabled=ctx.autocast[0]):
+                new, _ = ctx.step(True, sx, sy, *ins)
+            want = [i for i, t in enumerate(ins) if ctx.needs_input_grad[4 + i]]
+            outs = [(n, g) for n, g in zip(new, grads[:-1], strict=True) if g is not None
+                    and n.requires_grad]
+            got = torch.autograd.grad([n for n, _ in outs], [ins[i] for i in want],
+                                      [g for _, g in outs], allow_unused=True) if outs and want \
+                else [None] * len(want)
+        result: list[torch.Tensor | None] = [None] * len(ins)
+        for i, g in zip(want, got, strict=True):
+            result[i] = g
+        return (None, None, None, None, *result)
 
 
 class FOMAML(MAML):

@@ -1,0 +1,440 @@
+"""MAML throughput: meta-iterations/s, tasks/s and peak memory, metattn against plain PyTorch.
+
+Two workloads (the issue "Speed and scale", REFERENCES.md "MAML implementations, speed"):
+
+* ``conv4``: the MAML paper's Omniglot net (``metattn.Conv4``, BatchNorm on batch
+  statistics), 28x28, 5-way 1-shot, 15 queries per class, meta-batch 32, 1 inner step at 0.4,
+  second order.
+* ``transformer``: ``metattn.TokenTransformer`` (vocab 1000, seq 32, d_model 128, 4 heads,
+  2 layers, FF 256, mean pool, linear head), 5-way 5-shot, 5 queries per class, meta-batch 16,
+  5 inner steps at 0.01, second order.
+
+One meta-iteration = zero_grad + meta-loss + backward + outer Adam step. Methods:
+
+* ``vmap`` / ``loop`` / ``auto``: ``metattn.MAML(vectorize=True / False / "auto")``;
+* ``plain``: a per-task loop written here (``functional_call`` +
+  ``torch.autograd.grad(create_graph=True)``, one backward per task);
+* ``higher``: ``higher.innerloop_ctx`` (when importable; ``pip install higher``).
+
+Every method's meta-gradient is checked against ``plain`` in float64 on the first
+``--check-tasks`` tasks of the batch (column ``grad diff``: max |g - g_plain| / max |g_plain|).
+The plain loop is always timed in the same run, so ``vs plain`` compares like with like; the
+``anchor`` rows are REFERENCES.md's published side-by-side numbers (another machine) and the
+``norm.`` column rescales our seconds to that machine through the plain loop
+(``ours / plain_ours * plain_anchor``).
+
+    python benchmarks/throughput.py --workload conv4 --iters 5 --warmup 1 --threads 2
+    python benchmarks/throughput.py --device cuda --tf32 on --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import metattn as mt
+
+METHODS = ("vmap", "loop", "auto", "plain", "higher")
+
+# REFERENCES.md, "MAML implementations, speed": median s per meta-iteration, measured side
+# by side on one machine (higher / learn2learn / plain torch.func loop / hand-written vmap).
+ANCHORS = {
+    ("conv4", "cpu"): {"higher": 3.11, "learn2learn": 2.84, "plain loop": 2.85, "vmap": 4.50},
+    ("transformer", "cpu"): {"higher": 3.91, "learn2learn": 3.77, "plain loop": 4.02,
+                             "vmap": 3.91},
+    ("conv4", "cuda"): {"higher": 0.851, "learn2learn": 0.603, "plain loop": 0.562,
+                        "vmap": 0.033},
+    ("transformer", "cuda"): {"higher": 2.18, "learn2learn": 2.26, "plain loop": 2.38,
+                              "vmap": 0.168},
+}
+ANCHOR_MACHINE = {"cpu": "2 CPU cores, torch 2.13", "cuda": "one H100, torch 2.11"}
+
+
+@dataclass
+class Workload:
+    name: str
+    make_model: Callable[[], torch.nn.Module]
+    make_batch: Callable[[int, torch.Generator], mt.TaskBatch]
+    meta_batch: int
+    inner_lr: float
+    inner_steps: int
+    double_backward: bool  # the plain loop / higher need the math attention path
+
+
+def _labels(n_way: int, per_class: int, T: int, g: torch.Generator) -> torch.Tensor:
+    y = torch.arange(n_way).repeat_interleave(per_class)
+    return torch.stack([y[torch.randperm(len(y), generator=g)] for _ in range(T)])
+
+
+def conv4_batch(T: int, g: torch.Generator) -> mt.TaskBatch:
+    n, k, q = 5, 1, 15
+    return mt.TaskBatch(torch.rand(T, n * k, 1, 28, 28, generator=g), _labels(n, k, T, g),
+                        torch.rand(T, n * q, 1, 28, 28, generator=g), _labels(n, q, T, g),
+                        n_way=n, k_shot=k)
+
+
+def transformer_batch(T: int, g: torch.Generator) -> mt.TaskBatch:
+    n, k, q = 5, 5, 5
+    return mt.TaskBatch(torch.randint(0, 1000, (T, n * k, 32), generator=g),
+                        _labels(n, k, T, g),
+                        torch.randint(0, 1000, (T, n * q, 32), generator=g),
+                        _labels(n, q, T, g), n_way=n, k_shot=k)
+
+
+WORKLOADS = {
+    "conv4": Workload("conv4", lambda: mt.Conv4(1, 5, hidden=64, image_size=28), conv4_batch,
+                      meta_batch=32, inner_lr=0.4, inner_steps=1, double_backward=False),
+    "transformer": Workload(
+        "transformer",
+        lambda: mt.TokenTransformer(vocab_size=1000, max_len=32, n_classes=5, d_model=128,
+                                    n_heads=4, n_layers=2, d_ff=256),
+        transformer_batch, meta_batch=16, inner_lr=0.01, inner_steps=5, double_backward=True),
+}
+
+
+# ---------------------------------------------------------------------- the methods
+def plain_step(model: torch.nn.Module, batch: mt.TaskBatch, lr: float, steps: int) -> None:
+    """A plain per-task MAML loop: functional_call + autograd.grad(create_graph=True)."""
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    T = batch.num_tasks
+    for t in range(T):
+        p = params
+        for _ in range(steps):
+            out = functional_call(model, (p, buffers), (batch.support_x[t],))
+            loss = F.cross_entropy(out, batch.support_y[t])
+            grads = torch.autograd.grad(loss, list(p.values()), create_graph=True)
+            p = {k: v - lr * gk for (k, v), gk in zip(p.items(), grads)}
+        out = functional_call(model, (p, buffers), (batch.query_x[t],))
+        (F.cross_entropy(out, batch.query_y[t]) / T).backward()
+
+
+def higher_step(model: torch.nn.Module, batch: mt.TaskBatch, lr: float, steps: int) -> None:
+    import higher
+
+    inner_opt = torch.optim.SGD(model.parameters(), lr=lr)
+    T = batch.num_tasks
+    for t in range(T):
+        with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fm, diffopt):
+            for _ in range(steps):
+                diffopt.step(F.cross_entropy(fm(batch.support_x[t]), batch.support_y[t]))
+            (F.cross_entropy(fm(batch.query_x[t]), batch.query_y[t]) / T).backward()
+
+
+def make_method(name: str, model: torch.nn.Module, wl: Workload, chunk_size: int | None,
+                checkpoint: bool):
+    """(step function that accumulates meta-gradients into .grad, params for the optimiser)."""
+    ctx = mt.double_backward if wl.double_backward else nullcontext
+    if name in ("vmap", "loop", "auto"):
+        vec = {"vmap": True, "loop": False, "auto": "auto"}[name]
+        kw = {"checkpoint": True} if checkpoint else {}
+        learner = mt.MAML(model, inner_lr=wl.inner_lr, inner_steps=wl.inner_steps,
+                          first_order=False, vectorize=vec, chunk_size=chunk_size, **kw)
+
+        def step(batch):
+            loss, _ = learner.meta_loss(batch)
+            loss.backward()
+        return step, list(learner.parameters())
+    if name == "plain":
+        def step(batch):
+            with ctx():
+                plain_step(model, batch, wl.inner_lr, wl.inner_steps)
+        return step, list(model.parameters())
+    if name == "higher":
+        def step(batch):
+            with ctx():
+                higher_step(model, batch, wl.inner_lr, wl.inner_steps)
+        return step, list(model.parameters())
+    raise ValueError(name)
+
+
+def higher_available() -> bool:
+    try:
+        import higher  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------- memory
+class PeakMemory:
+    """Peak memory of a block: CUDA max_memory_allocated, or the CPU process's peak RSS
+    (Linux: VmHWM after resetting it through /proc/self/clear_refs; elsewhere ru_maxrss, which
+    cannot be reset and so is an upper bound). Reported as growth over the block's start."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @staticmethod
+    def _status_kb(key: str) -> int | None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        return int(line.split()[1])
+        except OSError:
+            return None
+        return None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+            return self
+        self.reset_ok = False
+        gc.collect()
+        try:  # hand freed heap memory back to the OS, so the growth below is this block's
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.reset_ok = True
+        except OSError:
+            pass
+        rss = self._status_kb("VmRSS")
+        self.start = (rss or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            hwm = self._status_kb("VmHWM") if self.reset_ok else None
+            self.peak = (hwm or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        self.mb = max(self.peak - self.start, 0) / 2**20
+        return False
+
+
+# ---------------------------------------------------------------------- measuring
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Runner:
+    """One method, ready to run meta-iterations (its own copy of the model and optimiser)."""
+
+    def __init__(self, name: str, wl: Workload, base: torch.nn.Module, args,
+                 device: torch.device):
+        self.name, self.device = name, device
+        self.model = copy.deepcopy(base)
+        self.step, params = make_method(name, self.model, wl, args.chunk_size, args.checkpoint)
+        self.opt = torch.optim.Adam(params, lr=1e-3, foreach=True)
+        self.times: list[float] = []
+        self.cpu_times: list[float] = []
+
+    def iteration(self, batch: mt.TaskBatch, record: bool) -> None:
+        sync(self.device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        self.opt.zero_grad(set_to_none=True)
+        self.step(batch)
+        self.opt.step()
+        sync(self.device)
+        if record:
+            self.times.append(time.perf_counter() - t0)
+            self.cpu_times.append(time.process_time() - c0)
+
+
+def time_methods(names: list[str], wl: Workload, base: torch.nn.Module,
+                 batches: list[mt.TaskBatch], args, device: torch.device) -> list[dict]:
+    """Warm-up iterations one method at a time (their peak memory is the method's), then the
+    timed iterations round-robin over the methods, so a change of background load during
+    the run biases no method."""
+    runners = []
+    for name in names:
+        r = Runner(name, wl, base, args, device)
+        with PeakMemory(device) as mem:
+            for i in range(max(args.warmup, 1)):
+                r.iteration(batches[i % len(batches)], record=False)
+        r.peak_mb = mem.mb
+        runners.append(r)
+        print(f"  {wl.name:11s} {name:7s} warm", file=sys.stderr, flush=True)
+    for i in range(args.iters):
+        for r in runners:
+            r.iteration(batches[i % len(batches)], record=True)
+    rows = []
+    for r in runners:
+        med = statistics.median(r.times)
+        # process CPU seconds: with 1 thread, a load-independent measure of the work done
+        rows.append({"method": r.name, "s_per_it": med, "it_per_s": 1 / med,
+                     "tasks_per_s": wl.meta_batch / med, "peak_mb": r.peak_mb,
+                     "times": r.times, "cpu_s_per_it": statistics.median(r.cpu_times)})
+    return rows
+
+
+def grad_check(name: str, wl: Workload, base: torch.nn.Module, batch: mt.TaskBatch,
+               args, ref: list[torch.Tensor] | None) -> tuple[list[torch.Tensor], float | None]:
+    """Meta-gradient of ``name`` in float64 on a few tasks, and its max relative difference
+    from ``ref`` (the plain loop's)."""
+    model = copy.deepcopy(base).double()
+    b = mt.TaskBatch(*(t[: args.check_tasks] for t in (batch.support_x, batch.support_y,
+                                                       batch.query_x, batch.query_y)),
+                     n_way=batch.n_way)
+    b = b.to(b.support_x.device, torch.float64)
+    step, _ = make_method(name, model, wl, args.chunk_size, args.checkpoint)
+    model.zero_grad(set_to_none=True)
+    step(b)
+    g = [p.grad.detach().clone() for p in model.parameters()]
+    if ref is None:
+        return g, None
+    num = max(float((a - r).abs().max()) for a, r in zip(g, ref))
+    den = max(float(r.abs().max()) for r in ref)
+    return g, num / den
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def run_workload(wl_name: str, args, device: torch.device, dtype: torch.dtype) -> dict:
+    wl = WORKLOADS[wl_name]
+    if args.meta_batch:
+        wl = Workload(**{**wl.__dict__, "meta_batch": args.meta_batch})
+    torch.manual_seed(0)
+    base = wl.make_model().to(device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    batches = [wl.make_batch(wl.meta_batch, g).to(device, dtype) for _ in range(2)]
+    methods = [m for m in args.methods if m != "higher" or higher_available()]
+    skipped = [m for m in args.methods if m not in methods]
+    # the plain loop first: it is the reference of every ratio and gradient check
+    if args.no_plain:
+        methods = [m for m in methods if m != "plain"]
+    else:
+        methods = ["plain"] + [m for m in methods if m != "plain"]
+    rows = time_methods(methods, wl, base, batches, args, device)
+    ref = None
+    for row in rows:
+        if args.check_tasks > 0 and not args.no_plain:
+            gref, diff = grad_check(row["method"], wl, base, batches[0], args, ref)
+            ref = gref if row["method"] == "plain" else ref
+            row["grad_diff"] = diff
+    plain = next((r["s_per_it"] for r in rows if r["method"] == "plain"), None)
+    anchors = ANCHORS.get((wl_name, device.type), {})
+    plain_cpu = next((r["cpu_s_per_it"] for r in rows if r["method"] == "plain"), None)
+    for r in rows:
+        r["vs_plain"] = None if plain is None else plain / r["s_per_it"]
+        r["cpu_vs_plain"] = None if plain_cpu is None else plain_cpu / r["cpu_s_per_it"]
+        if anchors and plain is not None:
+            r["normalised_s_per_it"] = r["s_per_it"] / plain * anchors["plain loop"]
+    return {"workload": wl_name, "meta_batch": wl.meta_batch, "inner_steps": wl.inner_steps,
+            "rows": rows, "anchors": anchors, "skipped": skipped}
+
+
+def print_table(res: dict, header: dict) -> None:
+    anchors = res["anchors"]
+    best = min(anchors.values()) if anchors else None
+    print(f"\n## {res['workload']} (meta-batch {res['meta_batch']}, {res['inner_steps']} inner "
+          f"step(s), second order) on {header['device']}, torch {header['torch']}, "
+          f"{header['dtype']}, tf32 {header['tf32']}, malloc {header['malloc']}")
+    print(f"| method | s/it (median of {header['iters']}) | it/s | tasks/s | peak MB | "
+          "vs plain | norm. s/it | grad diff (fp64) | CPU s/it | CPU vs plain |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in res["rows"]:
+        gd = r.get("grad_diff")
+        gd = "ref" if r["method"] == "plain" else ("-" if gd is None else f"{gd:.1e}")
+        norm = r.get("normalised_s_per_it")
+        vs = "-" if r["vs_plain"] is None else f"{r['vs_plain']:.2f}x"
+        cpu_vs = "-" if r.get("cpu_vs_plain") is None else f"{r['cpu_vs_plain']:.2f}x"
+        print(f"| {r['method']} | {r['s_per_it']:.4f} | {r['it_per_s']:.3f} | "
+              f"{r['tasks_per_s']:.1f} | {r['peak_mb']:.0f} | {vs} | "
+              f"{'-' if norm is None else f'{norm:.3f}'} | {gd} | {r['cpu_s_per_it']:.3f} | "
+              f"{cpu_vs} |")
+    if anchors:
+        dev = header["device_type"]
+        print(f"anchors ({ANCHOR_MACHINE[dev]}, REFERENCES.md, s/it): " +
+              ", ".join(f"{k} {v}" for k, v in anchors.items()) +
+              f"; best {best}; 1.5x the best = {best / 1.5:.3f} norm. s/it")
+    if res["skipped"]:
+        print(f"skipped (not importable): {res['skipped']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workload", default="all", choices=["all", *WORKLOADS])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    p.add_argument("--tf32", default="off", choices=["on", "off"])
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma list of {METHODS} (plain runs too, first: it is the reference)")
+    p.add_argument("--meta-batch", type=int, default=None, help="override (quick runs)")
+    p.add_argument("--chunk-size", type=int, default=None, help="metattn vmap chunk_size")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="metattn: checkpoint each inner step (memory does not grow with steps)")
+    p.add_argument("--no-plain", action="store_true",
+                   help="skip the plain-loop reference (no ratios, no gradient check)")
+    p.add_argument("--check-tasks", type=int, default=4,
+                   help="tasks in the float64 gradient check (0 = skip it)")
+    p.add_argument("--malloc", default="tuned", choices=["tuned", "default"],
+                   help="CPU: metattn.perf.tune_cpu_allocator() for every method alike "
+                        "(no page-fault storm on each iteration's large tensors)")
+    p.add_argument("--json", default=None, metavar="OUT")
+    args = p.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in args.methods:
+        if m not in METHODS:
+            p.error(f"--methods: unknown {m!r}; choose from {METHODS}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    malloc = "default"
+    if args.malloc == "tuned":
+        from metattn.perf import tune_cpu_allocator
+
+        malloc = "tuned" if tune_cpu_allocator() else "default (tuning unavailable)"
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                          if args.device == "auto" else args.device)
+    dtype = getattr(torch, args.dtype)
+    tf32 = args.tf32 == "on"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    header = {"device": device_name(device), "device_type": device.type,
+              "torch": torch.__version__, "dtype": args.dtype, "tf32": args.tf32,
+              "iters": args.iters, "warmup": args.warmup, "threads": torch.get_num_threads(),
+              "python": platform.python_version(),
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "malloc": malloc}
+    results = []
+    for wl in (list(WORKLOADS) if args.workload == "all" else [args.workload]):
+        res = run_workload(wl, args, device, dtype)
+        print_table(res, header)
+        results.append(res)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
