@@ -84,6 +84,8 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but CUDA is not available; use auto or cpu")
+    if dev.type == "cuda" and dev.index is None:  # plain "cuda": this process's local GPU
+        dev = torch.device("cuda", local_rank)
     return dev
 
 
@@ -335,6 +337,8 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
     _agree(error, world)
 
     train_tasks, test_tasks, learner = build(cfg, device)
+    if device.type == "cuda" and hasattr(train_tasks, "to"):
+        train_tasks = train_tasks.to(device)  # samplers that can draw episodes on the GPU
     opt, sched = make_optimizer(cfg, learner)
     gen = torch.Generator().manual_seed(cfg.seed)  # the task stream, identical on every rank
     start, elapsed, best = 0, 0.0, None
@@ -454,8 +458,8 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                     and step < cfg.train.steps:
                 res = evaluate(learner, eval_sets["periodic"], device, dtype)
                 key, mean, ci = headline(res, n_way)
-                logger.log("eval", step, {k: v for k, v in res.items()
-                                          if not isinstance(v, list)})
+                logger.log("eval", step, {**{k: v for k, v in res.items()
+                                             if not isinstance(v, list)}, "seconds": elapsed})
                 progress.print(f"  step {step}: test {key} {mean:.4f} ± {ci:.4f} "
                                f"({res['episodes']} episodes)")
                 better = best is None or (mean > best if key == "accuracy" else mean < best)

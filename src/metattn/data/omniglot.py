@@ -234,8 +234,18 @@ def read_zip(path: str | os.PathLike, split: str, image_size: int = 28) -> Omnig
 
 
 def _cache_file(path: Path, split: str, image_size: int, cache_dir: Path) -> Path:
-    st = path.stat()
-    key = f"v{_CACHE_VERSION}_{split}_{image_size}px_lanczos_{st.st_size}_{st.st_mtime_ns}"
+    """Cache name keyed by the zip's CONTENT (its directory: names, CRC-32s and sizes), not
+    its modification time, so re-mounted or copied zips reuse the cache; a corrupt zip here
+    is reported as such."""
+    h = zlib.crc32(b"")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                h = zlib.crc32(f"{info.filename}:{info.CRC}:{info.file_size};".encode(), h)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DataError(f"Omniglot: {path} is not a readable zip ({e}); re-download it "
+                        "(metattn.data.omniglot.download) or copy it again") from e
+    key = f"v{_CACHE_VERSION}_{split}_{image_size}px_lanczos_{path.stat().st_size}_{h:08x}"
     return cache_dir / f"omniglot_{key}.npz"
 
 
@@ -426,6 +436,14 @@ class OmniglotTasks:
                 f"{self.num_classes} classes; use n_way <= {self.num_classes}"
             )
 
+    def to(self, device: torch.device | str) -> OmniglotTasks:
+        """Keep the images on ``device`` (e.g. the GPU) so that ``sample`` gathers there.
+
+        Indices are still drawn on the CPU generator (same episodes on any device); only the
+        gather and the cast run on ``device``, which removes the host-side copy per step."""
+        self.images = self.images.to(device)
+        return self
+
     def class_name(self, class_id: int) -> str:
         """``"Alphabet/characterNN"`` plus the rotation, for plots and logs."""
         c, r = divmod(int(class_id), 4) if self.rotations else (int(class_id), 0)
@@ -440,11 +458,11 @@ class OmniglotTasks:
         g = generator
         classes = torch.rand(T, self.num_classes, generator=g).topk(n, dim=1).indices  # [T, n]
         draws = torch.rand(T, n, DRAWINGS, generator=g).argsort(-1)[..., : k + q]  # [T, n, k+q]
-        rows = (classes.unsqueeze(-1) * DRAWINGS + draws).flatten()
+        rows = (classes.unsqueeze(-1) * DRAWINGS + draws).flatten().to(self.images.device)
         h, w = self.images.shape[-2:]
         x = self.images.view(-1, h * w).index_select(0, rows)  # one gather of whole images
         x = x.to(torch.float32).mul_(1.0 / 255.0).view(T, n, k + q, 1, h, w)
-        y = torch.arange(n).view(1, n, 1)
+        y = torch.arange(n, device=x.device).view(1, n, 1)
         sy = y.expand(T, n, k).reshape(T, n * k)
         qy = y.expand(T, n, q).reshape(T, n * q)
         return TaskBatch(
