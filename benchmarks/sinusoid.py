@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="meta-iterations (default: config)")
     p.add_argument("--out", default="runs/bench-sinusoid")
     p.add_argument("--only", nargs="*", default=None, help="subset of learners")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every learner (repeatable)")
     args = p.parse_args()
     out = Path(args.out)
     rows, record = [], {}
@@ -48,7 +50,7 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         extra = [f"train.steps={args.steps}"] if args.steps else []
-        cfg = load(args.config, sets + extra + ["train.progress=false"])
+        cfg = load(args.config, args.set + sets + extra + ["train.progress=false"])
         run_dir = out / name.replace(" ", "_").replace("+", "plus")
         t0 = time.time()
         if (run_dir / "summary.json").is_file():

@@ -211,3 +211,26 @@ def test_short_training_improves_held_out_accuracy(name: str, make) -> None:
     learner.eval()
     after = float(learner.evaluate(held_out)["accuracy"].mean())
     assert after > before + 0.3 and after > 0.8, (name, before, after)
+
+
+def test_conv4_channels_last_same_numbers_and_gradients() -> None:
+    torch.manual_seed(0)
+    a = Conv4(1, 5, hidden=8, image_size=28)
+    b = Conv4(1, 5, hidden=8, image_size=28, channels_last=True)
+    b.load_state_dict(a.state_dict())
+    assert b.body[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(6, 1, 28, 28)
+    ya, yb = a(x), b(x)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        # (conv biases feed BatchNorm, so their true gradient is 0: compare on the scale of all)
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-4, msg=n)
+    # a ProtoNet step trains it like the default layout
+    learner = ProtoNet(b)
+    batch = TaskBatch(torch.rand(1, 5, 1, 28, 28), torch.arange(5).view(1, 5),
+                      torch.rand(1, 10, 1, 28, 28), torch.arange(5).repeat(2).view(1, 10),
+                      n_way=5)
+    loss, _ = learner.meta_loss(batch)
+    assert torch.isfinite(loss)

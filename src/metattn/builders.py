@@ -30,9 +30,9 @@ def mlp(in_features: int = 1, hidden: list[int] = (40, 40), out_features: int = 
 
 
 @register("model", "conv4")
-def conv4(in_channels: int = 1, n_classes: int = 5, hidden: int = 64, image_size: int = 28
-          ) -> nn.Module:
-    return Conv4(in_channels, n_classes, hidden, image_size)
+def conv4(in_channels: int = 1, n_classes: int = 5, hidden: int = 64, image_size: int = 28,
+          channels_last: bool = False) -> nn.Module:
+    return Conv4(in_channels, n_classes, hidden, image_size, channels_last)
 
 
 @register("model", "vit")

@@ -39,11 +39,16 @@ class Conv4(nn.Module):
     BatchNorm always uses the statistics of the batch it sees (``track_running_stats=False``),
     as in the paper's reference code, so train and test behave alike and per-task batches are
     normalised on their own.
+
+    ``channels_last=True`` keeps weights and activations in NHWC order (same numbers): oneDNN's
+    CPU convolutions are faster so (measured, 180 images, one core: 1.3-1.5x for forward +
+    backward). Leave it off under vmap (MAML's vectorised path), which batches 5-D inputs.
     """
 
     def __init__(self, in_channels: int = 1, n_classes: int = 5, hidden: int = 64,
-                 image_size: int = 28):
+                 image_size: int = 28, channels_last: bool = False):
         super().__init__()
+        self.channels_last = bool(channels_last)
         blocks: list[nn.Module] = []
         c = in_channels
         size = image_size
@@ -59,8 +64,12 @@ class Conv4(nn.Module):
         self.body = nn.Sequential(*blocks)
         self.feature_dim = hidden * max(size, 1) ** 2
         self.head = nn.Linear(self.feature_dim, n_classes)
+        if self.channels_last:
+            self.body.to(memory_format=torch.channels_last)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.body(x).flatten(-3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
