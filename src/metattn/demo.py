@@ -45,7 +45,7 @@ def plot_maml_vs_icl(maml: Any, icl: Any, path: Path, k_shot: int = 10, n_tasks:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from metattn.data.synthetic import SinusoidTasks
+    from metattn.data.synthetic import SinusoidTasks, finish_panel, save_figure
 
     tasks = SinusoidTasks(k_shot=k_shot, k_query=1)
     batch = tasks.sample(n_tasks, torch.Generator().manual_seed(seed))
@@ -67,15 +67,8 @@ def plot_maml_vs_icl(maml: Any, icl: Any, path: Path, k_shot: int = 10, n_tasks:
         pred = icl.adapt(sx.to(q), sy.to(q))(grid.to(q)).cpu()
         ax.plot(grid, pred, "-", color="tab:green", lw=2, alpha=0.85,
                 label="in-context, forward pass")
-        ax.plot(sx, sy, "^", color="tab:blue", ms=7, label=f"{k_shot} support points")
-        ax.set_title(f"A={float(batch.info['amplitude'][t]):.2f}, "
-                     f"phase={float(batch.info['phase'][t]):.2f}")
-        ax.set_ylim(-5.5, 5.5)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        finish_panel(ax, sx, sy, batch, t)
+    save_figure(fig, axes, path)
     return path
 
 

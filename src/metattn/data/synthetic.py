@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -90,13 +91,25 @@ class SinusoidTasks:
             with torch.no_grad():
                 after = learner.adapt(sx, sy)(g).cpu()
             ax.plot(grid, after, "--", color="tab:red", lw=2, label=label)
-            ax.plot(sx.cpu(), sy.cpu(), "^", color="tab:blue", ms=7,
-                    label=f"{self.k_shot} support points")
-            ax.set_title(f"A={float(batch.info['amplitude'][t]):.2f}, "
-                         f"phase={float(batch.info['phase'][t]):.2f}")
-            ax.set_ylim(-5.5, 5.5)
-            ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7, loc="lower left")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+            finish_panel(ax, sx, sy, batch, t)
+        save_figure(fig, axes, path)
+
+
+def finish_panel(ax: Any, sx: torch.Tensor, sy: torch.Tensor, batch: TaskBatch, t: int) -> None:
+    """Draw task ``t``'s support points and give the panel its title, range and grid."""
+    ax.plot(sx.cpu(), sy.cpu(), "^", color="tab:blue", ms=7,
+            label=f"{sx.shape[0]} support points")
+    ax.set_title(f"A={float(batch.info['amplitude'][t]):.2f}, "
+                 f"phase={float(batch.info['phase'][t]):.2f}")
+    ax.set_ylim(-5.5, 5.5)
+    ax.grid(alpha=0.3)
+
+
+def save_figure(fig: Any, axes: Any, path: Any) -> None:
+    """Legend on the first panel, tight layout, PNG at ``path``, figure closed."""
+    import matplotlib.pyplot as plt
+
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
