@@ -61,7 +61,7 @@ print("| step | train s | accuracy |")
 print("|---|---|---|")
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    if r.get("split", r.get("kind")) == "eval" or "eval" in str(r.get("tag", "")):
+    if r["kind"] == "eval":
         print(f"| {r.get('step')} | {r.get('seconds', float('nan')):.1f} | "
               f"{r.get('accuracy', float('nan')):.4f} |")
 PY

@@ -318,7 +318,8 @@ class MAML(Learner):
         With ``weights`` (the query-loss weight of each recorded step) the loop path may
         back-propagate task by task (``per_task_backward``): it then also returns the
         meta-loss, else None (the caller builds it from the query losses)."""
-        fast, slow, buffers = self._split_params()
+        split = self._split_params()
+        fast, slow, buffers = split
         use_vmap = self._use_vmap(batch.support_x.device)
         f = self._task_fn(fast, slow, buffers, loss_fn, steps, first_order, record)
         args = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
@@ -342,7 +343,7 @@ class MAML(Learner):
         def one_task(t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             if ckpt:
                 s_, q_, o_ = self._run_checkpointed(batch.slice(t, t + 1), loss_fn, steps,
-                                                    record, False, contexts)
+                                                    record, False, contexts, split)
                 return s_[0], q_[0], o_[0]
             return f(*(a[t] for a in args))
 
@@ -351,9 +352,9 @@ class MAML(Learner):
                 s, q, o, loss = self._taskwise(one_task, batch.num_tasks, weights)
             elif ckpt:
                 s, q, o = self._run_checkpointed(batch, loss_fn, steps, record, use_vmap,
-                                                 contexts)
+                                                 contexts, split)
             elif use_vmap:
-                s, q, o = self._run_batched(batch, loss_fn, steps, first_order, record)
+                s, q, o = self._run_batched(batch, loss_fn, steps, first_order, record, split)
             else:
                 outs = [f(*(a[t] for a in args)) for t in range(batch.num_tasks)]
                 s, q, o = (torch.stack(z) for z in zip(*outs, strict=True))
@@ -370,6 +371,7 @@ class MAML(Learner):
         steps: int,
         first_order: bool,
         record: Sequence[int],
+        split: tuple[Params, Params, Params],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All tasks at once: vmap over the tasks for the FORWARD passes only, inner gradients
         by ordinary autograd.
@@ -380,8 +382,9 @@ class MAML(Learner):
         Same maths as ``vmap(torch.func.grad(...))`` over the whole inner loop, without
         functorch's nested grad level: measured 1.3-1.5x faster per meta-step on CPU (the
         sinusoid MLP: 10.6 -> 7.2 ms) and the double backward is plain autograd.
+        ``split``: the (fast, slow, buffers) dicts of :meth:`_split_params`.
         """
-        fast, slow, buffers = self._split_params()
+        fast, slow, buffers = split
         model, T = self.model, batch.num_tasks
         train = torch.is_grad_enabled()
         create_graph = train and not first_order
@@ -465,6 +468,7 @@ class MAML(Learner):
         record: Sequence[int],
         use_vmap: bool,
         contexts: Callable[[], ExitStack],
+        split: tuple[Params, Params, Params],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Second-order inner loop with each step's graph recomputed in the backward.
 
@@ -473,7 +477,7 @@ class MAML(Learner):
         with ``create_graph`` and back-propagates through it. Under vmap a step covers all
         tasks; in the loop, one task.
         """
-        fast, slow, buffers = self._split_params()
+        fast, slow, buffers = split
         model = self.model
         names, slow_names = list(fast), list(slow)
         rate_keys = list(self.inner_lrs.keys())
