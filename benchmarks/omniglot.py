@@ -33,10 +33,8 @@ images, one thread, torch 2.13: 1.57 -> 0.89 CPU-seconds per step (system time 0
 from __future__ import annotations
 
 import argparse
-import ctypes
 import glob
 import json
-import platform
 import shutil
 import sys
 import time
@@ -47,6 +45,7 @@ import torch
 
 import metattn.train as recipe
 from metattn.config import RunConfig, load
+from metattn.perf import tune_cpu_allocator
 from metattn.reports import print_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,19 +66,6 @@ PAPER: dict[str, dict[Any, str]] = {
     "matching": {(5, 1): "98.1", (5, 5): "98.9", (20, 1): "93.8", (20, 5): "98.5",
                  "source": "Vinyals et al. 2016 (secondary, via MAML paper)"},
 }
-
-
-# ---------------------------------------------------------------------- CPU speed-ups
-def tune_malloc() -> bool:
-    """glibc: never mmap/trim, so big freed tensors are reused instead of page-faulted back."""
-    if platform.system() != "Linux":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # noqa: N806  (glibc's names)
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**30))
 
 
 # ---------------------------------------------------------------------- time budget
@@ -231,7 +217,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.malloc_tune:
-        tune_malloc()
+        tune_cpu_allocator()
     paths: list[Path] = []
     for pattern in args.configs or DEFAULT_CONFIGS:
         hits = sorted(glob.glob(pattern)) or sorted(glob.glob(str(ROOT / pattern)))
