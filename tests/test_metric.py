@@ -57,6 +57,38 @@ def test_protonet_logits_are_negative_squared_distances() -> None:
     torch.testing.assert_close(out["loss"], F.cross_entropy(expected, b.query_y[0])[None])
 
 
+def test_protonet_nca_loss_matches_a_per_example_loop() -> None:
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 7, 3, generator=g)
+    y = torch.tensor([[0, 1, 2, 0, 1, 2, 0], [1, 1, 0, 0, 2, 2, 2]])
+    learner = ProtoNet(nn.Identity(), scale=0.7, train_loss="nca")
+    terms = []
+    for t in range(2):
+        for i in range(7):
+            others = [j for j in range(7) if j != i]
+            p = torch.softmax(torch.stack([-0.7 * (z[t, i] - z[t, j]).pow(2).sum()
+                                           for j in others]), 0)
+            terms.append(-torch.log(sum(p[n] for n, j in enumerate(others)
+                                        if y[t, j] == y[t, i])))
+    torch.testing.assert_close(learner.nca_loss(z, y), torch.stack(terms).mean())
+    # through meta_loss: support and query pooled; metrics still report prototype accuracy
+    b = vec_task()
+    loss, metrics = ProtoNet(nn.Identity(), train_loss="nca").meta_loss(b)
+    zz = torch.cat([b.support_x, b.query_x], 1)
+    yy = torch.cat([b.support_y, b.query_y], 1)
+    torch.testing.assert_close(loss, ProtoNet(nn.Identity(), train_loss="nca").nca_loss(zz, yy))
+    torch.testing.assert_close(metrics["accuracy"], torch.tensor(2 / 3))
+
+
+def test_protonet_nca_errors_name_the_fix() -> None:
+    with pytest.raises(ConfigError, match="train_loss='ncaa'"):
+        ProtoNet(nn.Identity(), train_loss="ncaa")
+    lonely = TaskBatch(torch.randn(1, 2, 2), torch.tensor([[0, 1]]), torch.randn(1, 1, 2),
+                       torch.tensor([[0]]), n_way=2, k_shot=1)
+    with pytest.raises(TaskError, match="k_shot \\+ k_query >= 2"):
+        ProtoNet(nn.Identity(), train_loss="nca").meta_loss(lonely)
+
+
 def test_missing_support_class_is_a_task_error() -> None:
     b = vec_task()
     b.n_way = 3
@@ -189,6 +221,7 @@ def test_feat_regulariser_sets_are_class_wise() -> None:
     "name, make",
     [
         ("protonet", lambda m: ProtoNet(m)),
+        ("protonet_nca", lambda m: ProtoNet(m, scale=0.05, train_loss="nca")),
         ("matching", lambda m: MatchingNet(m)),
         ("matching_fce", lambda m: MatchingNet(m, fce=True, fce_steps=2)),
         ("feat", lambda m: FEAT(m, balance=0.1)),

@@ -28,9 +28,11 @@ def omniglot(split: str, n_way: int = 5, k_shot: int = 1, k_query: int = 15,
 
 # ------------------------------------------------------------------ learners
 @register("learner", "protonet")
-def protonet(model: nn.Module, scale: float = 1.0, learn_scale: bool = False) -> ProtoNet:
-    """Prototypical Networks: logits = -scale * squared distance to the class means."""
-    return ProtoNet(model, scale=scale, learn_scale=learn_scale)
+def protonet(model: nn.Module, scale: float = 1.0, learn_scale: bool = False,
+             train_loss: Literal["proto", "nca"] = "proto") -> ProtoNet:
+    """Prototypical Networks: logits = -scale * squared distance to the class means;
+    ``train_loss: nca`` trains on all pairs of each episode (evaluation unchanged)."""
+    return ProtoNet(model, scale=scale, learn_scale=learn_scale, train_loss=train_loss)
 
 
 @register("learner", "matching")

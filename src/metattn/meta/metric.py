@@ -170,21 +170,70 @@ class ProtoNet(MetricLearner):
     Prototype ``c_k`` = mean support embedding of class k; logits
     ``= -scale * ||f(x) - c_k||^2`` (squared Euclidean, as in the paper; ``scale=1``
     is the paper's model, ``learn_scale`` learns it).
+
+    ``train_loss="nca"`` trains with the neighbourhood component analysis loss instead of
+    the episodic one (Laenen & Bertinetto 2021, "On episodes, Prototypical Networks, and
+    few-shot learning"): support and query examples of a task are pooled, and every example
+    is classified against every other one, ``-log sum_{j != i, y_j = y_i} softmax_j(-scale
+    * ||z_i - z_j||^2)``. An episode of N examples then gives N (N - 1) comparisons instead
+    of (query count) x (n_way), from the same encoder pass. Evaluation is unchanged
+    (prototypes of the support set).
     """
 
     def __init__(self, model: nn.Module, scale: float = 1.0, learn_scale: bool = False,
-                 loss_fn: LossFn | None = None):
+                 loss_fn: LossFn | None = None, train_loss: str = "proto"):
         super().__init__(model, loss_fn)
         s = _scalar(scale, learn_scale, "ProtoNet.scale")
         if isinstance(s, nn.Parameter):
             self.scale = s
         else:
             self.register_buffer("scale", s)
+        if train_loss not in ("proto", "nca"):
+            raise ConfigError(
+                f"ProtoNet: train_loss={train_loss!r}; choose 'proto' (episodic, the paper) "
+                "or 'nca' (all pairs of the episode)"
+            )
+        if train_loss == "nca" and loss_fn is not None:
+            raise ConfigError("ProtoNet: train_loss='nca' has its own loss; drop loss_fn")
+        self.train_loss = train_loss
 
     def logits(self, zs: torch.Tensor, sy: torch.Tensor, zq: torch.Tensor, n_way: int
                ) -> torch.Tensor:
         protos = class_means(zs, sy, n_way)
         return -self.scale * squared_distances(zq, protos)
+
+    def nca_loss(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """NCA loss over ``z [T, N, D]`` with labels ``y [T, N]``; every example needs another
+        of its class in the task (a 1-shot episode with queries has them)."""
+        n = z.shape[1]
+        eye = torch.eye(n, dtype=torch.bool, device=z.device)
+        scores = (-self.scale * squared_distances(z, z)).masked_fill(eye, float("-inf"))
+        same = (y.unsqueeze(-1) == y.unsqueeze(-2)) & ~eye
+        if not bool(same.any(-1).all()):
+            raise TaskError(
+                "ProtoNet(train_loss='nca'): an example has no other example of its class "
+                "in its task; use k_shot + k_query >= 2"
+            )
+        pos = torch.logsumexp(scores.masked_fill(~same, float("-inf")), -1)
+        return (torch.logsumexp(scores, -1) - pos).mean()
+
+    def meta_loss(
+        self, batch: TaskBatch, loss_fn: LossFn | None = None, step: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The episodic loss of :class:`MetricLearner`, or the NCA loss (``train_loss``)."""
+        if self.train_loss == "proto":
+            return super().meta_loss(batch, loss_fn, step)
+        zs, zq = self.embed(batch.support_x, batch.query_x)
+        loss = self.nca_loss(torch.cat([zs, zq], 1),
+                             torch.cat([batch.support_y, batch.query_y], 1))
+        with torch.no_grad():
+            logits = self.logits(zs, batch.support_y, zq, self._n_way(batch))
+            metrics = {
+                "loss": F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten()),
+                "accuracy": accuracy(logits, batch.query_y).mean(),
+                "nca_loss": loss.detach(),
+            }
+        return loss, metrics
 
 
 # ---------------------------------------------------------------------- Matching Networks
