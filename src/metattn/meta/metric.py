@@ -244,7 +244,11 @@ class MatchingNet(MetricLearner):
     ``P(y = k | x) = sum_i a(x, x_i) [y_i = k]``; the loss is the NLL of ``log P``, computed
     as ``logsumexp`` over class k's support scores minus ``logsumexp`` over all of them (equal
     to ``log`` of the sum, without the clamp a direct ``log`` needs). The paper uses a plain
-    cosine; ``temperature`` (learned by default) sharpens the softmax.
+    cosine; ``temperature`` (learned by default) sharpens the softmax. Its starting value
+    matters on short runs, since Adam moves it by about the learning rate per step: with
+    Conv-4 (non-negative features, so cosines in [0, 1]) on Omniglot 20-way 5-shot, 90 s of
+    training on one core gave 85.8% from 10, 92.0% from 30, 93.8% from 60 and 93.5% from
+    120; the Omniglot configs start at 60.
 
     ``fce=True``: full-context embeddings of the paper's appendix. ``g`` = the embedding plus
     the forward and backward states of a bidirectional LSTM over the support set (in the
@@ -363,7 +367,8 @@ class FEAT(MetricLearner):
     reports the weighted term as ``reg_loss`` and the query cross-entropy alone as ``loss``.
 
     ``temperature = 1`` gives ProtoNet's scale; the official code uses larger temperatures
-    for its wider ImageNet backbones. ``dim`` defaults to ``model.feature_dim``.
+    for its wider ImageNet backbones, and the Omniglot configs use 20 (ProtoNet's scale 0.05).
+    ``dim`` defaults to ``model.feature_dim``.
     """
 
     def __init__(self, model: nn.Module, temperature: float = 1.0, temperature2: float = 1.0,
