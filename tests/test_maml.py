@@ -133,6 +133,29 @@ def test_layernorm_and_batchnorm_modules_with_buffers_and_dropout():
         assert all(p.grad is not None for p in m.parameters())
 
 
+def test_running_stat_batchnorm_uses_batch_statistics_in_eval_mode_too():
+    """MAML never updates running statistics, so it must not use them at test time either:
+    evaluate/adapt give the same numbers in train and eval mode and leave the buffers alone."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    batch = mt.TaskBatch(torch.randn(3, 6, 4) * 3 + 1, torch.randint(0, 3, (3, 6)),
+                         torch.randn(3, 5, 4) * 3 + 1, torch.randint(0, 3, (3, 5)), n_way=3)
+    for vec in (False, True):
+        learner = mt.MAML(m, inner_lr=0.1, inner_steps=2, vectorize=vec)
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        trained = learner.train().evaluate(batch)["loss"]
+        evaluated = learner.eval().evaluate(batch)["loss"]
+        torch.testing.assert_close(trained, evaluated)
+        model = learner.adapt(batch.support_x[0], batch.support_y[0])
+        learner.train()
+        torch.testing.assert_close(model(batch.query_x[0]),
+                                   learner.adapt(batch.support_x[0], batch.support_y[0])(
+                                       batch.query_x[0]))
+        # running statistics untouched (BatchNorm's own step counter still ticks in train mode)
+        assert all(torch.equal(before[k], v) for k, v in m.state_dict().items()
+                   if "running" in k)
+
+
 def test_anil_adapts_only_the_head(fp64):
     m, batch = make("mlp")
     learner = mt.ANIL(m, head="head", inner_lr=0.5, inner_steps=3)

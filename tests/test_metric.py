@@ -87,6 +87,8 @@ def test_protonet_nca_errors_name_the_fix() -> None:
                        torch.tensor([[0]]), n_way=2, k_shot=1)
     with pytest.raises(TaskError, match="k_shot \\+ k_query >= 2"):
         ProtoNet(nn.Identity(), train_loss="nca").meta_loss(lonely)
+    with pytest.raises(ConfigError, match="without loss_fn"):
+        ProtoNet(nn.Identity(), train_loss="nca").meta_loss(lonely, loss_fn=F.cross_entropy)
 
 
 def test_missing_support_class_is_a_task_error() -> None:
@@ -119,13 +121,14 @@ def test_contract_and_one_encoder_pass_per_batch(kind: str) -> None:
     learner = build("learner", {"kind": kind}, enc)
     b = blob_tasks(6, torch.Generator().manual_seed(0))
     loss, metrics = learner.meta_loss(b)
-    assert enc.calls == 1  # all tasks, support and query, in one flattened pass
+    # Conv4's BatchNorm uses batch statistics: one pass per task (support and query together)
+    assert enc.calls == 6
     assert loss.dim() == 0 and loss.requires_grad
     assert {"loss", "accuracy"} <= set(metrics)
     assert all(v.dim() == 0 and not v.requires_grad for v in metrics.values())
     out = learner.evaluate(b)
     assert out["loss"].shape == (6,) and out["accuracy"].shape == (6,)
-    assert enc.calls == 2
+    assert enc.calls == 12
     # adapt on one task gives that task's logits (a batch of one matches evaluate)
     one = b.task(2)
     logits = learner.adapt(one.support_x[0], one.support_y[0])(one.query_x[0])
@@ -267,3 +270,71 @@ def test_conv4_channels_last_same_numbers_and_gradients() -> None:
                       n_way=5)
     loss, _ = learner.meta_loss(batch)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("kind", ["protonet", "matching", "feat"])
+def test_episode_does_not_see_other_episodes_of_its_batch(kind):
+    """With Conv4 (BatchNorm on batch statistics), an episode's logits are the same whether it
+    is evaluated alone or in a chunk with other episodes: tasks are normalised on their own."""
+    torch.manual_seed(0)
+    model = Conv4(1, 5, hidden=8)
+    kw = {"dim": model.feature_dim} if kind == "feat" else {}
+    learner = build("learner", {"kind": kind, **kw}, model).eval()
+    assert learner.batch_statistics()
+    b = blob_tasks(3, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        together, _, _ = learner._forward(b)
+        alone = torch.cat([learner._forward(b.slice(t, t + 1))[0] for t in range(3)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    # an encoder without batch statistics takes ONE flattened pass for all tasks
+    calls = []
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(784, 8))
+    mlp.register_forward_hook(lambda *a: calls.append(1))
+    flat = ProtoNet(mlp)
+    assert not flat.batch_statistics()
+    flat.meta_loss(b)
+    assert len(calls) == 1
+
+
+def test_recipe_evaluation_turns_dropout_off_and_keeps_the_rng():
+    """FEAT has dropout in its set-to-set layer: the recipe's evaluation must run it in eval
+    mode (same numbers every time, whatever the random state), leave the training RNG stream
+    where it was, and restore the learner's mode."""
+    from metattn.train import evaluate
+
+    torch.manual_seed(0)
+    model = Conv4(1, 5, hidden=8)
+    learner = build("learner", {"kind": "feat", "dim": model.feature_dim}, model)
+    episodes = [blob_tasks(4, torch.Generator().manual_seed(s)) for s in (1, 2)]
+    learner.train()
+    torch.manual_seed(1)
+    a = evaluate(learner, episodes, torch.device("cpu"), torch.float32)
+    after = torch.get_rng_state()
+    torch.manual_seed(1)
+    assert torch.equal(after, torch.get_rng_state())  # evaluation drew nothing from it
+    torch.manual_seed(2)
+    b = evaluate(learner, episodes[::-1], torch.device("cpu"), torch.float32)
+    assert learner.training
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    assert a["accuracy"] == pytest.approx(b["accuracy"])
+
+
+def test_diverged_tasks_leave_every_metric():
+    """A task with a non-finite loss is counted as diverged in every metric, not averaged in
+    (its NaN logits would otherwise score 1/n_way accuracy)."""
+    from metattn.meta.base import Learner
+    from metattn.train import evaluate
+
+    class Fixed(Learner):
+        def meta_loss(self, batch, loss_fn=None, step=None):
+            raise NotImplementedError
+
+        def evaluate(self, batch, loss_fn=None):
+            return {"loss": torch.tensor([0.1, float("nan"), 0.3, 0.2]),
+                    "accuracy": torch.tensor([1.0, 0.2, 1.0, 1.0])}
+
+    res = evaluate(Fixed(), [blob_tasks(4, torch.Generator().manual_seed(0))],
+                   torch.device("cpu"), torch.float32)
+    assert res["accuracy"] == pytest.approx(1.0)
+    assert res["accuracy_diverged"] == 1 and res["loss_diverged"] == 1
+    assert res["loss"] == pytest.approx(0.2)

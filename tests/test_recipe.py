@@ -105,6 +105,26 @@ def test_resume_refuses_a_changed_config(tmp_path):
         train(changed, tmp_path / "r", resume=True)
     longer = load(write_cfg(tmp_path, train__steps=50))
     assert train(longer, tmp_path / "r", resume=True)["steps"] == 50
+    # eval.chunk picks the test episodes: not resumable
+    with pytest.raises(ConfigError, match="eval.chunk"):
+        train(load(write_cfg(tmp_path, train__steps=50, eval__chunk=7)), tmp_path / "r",
+              resume=True)
+
+
+def test_resume_refuses_a_longer_cosine_schedule(tmp_path):
+    cfg = load(write_cfg(tmp_path, train__schedule="cosine", train__steps=20))
+    train(cfg, tmp_path / "c")
+    longer = load(write_cfg(tmp_path, train__schedule="cosine", train__steps=40))
+    with pytest.raises(ConfigError, match="train.steps 20 -> 40.*cosine"):
+        train(longer, tmp_path / "c", resume=True)
+
+
+def test_eval_task_may_not_change_the_split():
+    data = json.loads(json.dumps(TINY))
+    data["task"] = {"kind": "omniglot", "protocol": "maml"}
+    data["eval"]["task"] = {"protocol": "background"}
+    with pytest.raises(ConfigError, match="eval.task.protocol='background'"):
+        from_dict(data)
 
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):

@@ -53,6 +53,9 @@ class EvalConfig:
 
     episodes: int = 600
     seed: int = 20240
+    # Episodes are drawn, and evaluated, ``chunk`` at a time: seed AND chunk fix the episode
+    # set (another chunk draws other episodes). An episode's result never depends on the
+    # other episodes of its chunk.
     chunk: int = 100
     task: dict[str, Any] = field(default_factory=dict)
 
@@ -97,6 +100,10 @@ def _check_fields(section: str, cls: type, data: dict[str, Any]) -> dict[str, An
     return data
 
 
+# Task keys that define the train/test split; eval.task may not change them.
+SPLIT_KEYS = ("kind", "protocol", "root")
+
+
 def from_dict(data: dict[str, Any]) -> RunConfig:
     """Validate a plain dict (parsed YAML) and build a :class:`RunConfig`."""
     data = copy.deepcopy(data or {})
@@ -110,6 +117,13 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
             raise ConfigError(f"{group}.kind: missing; choose one of {registry.kinds(group)}")
         opts = {k: v for k, v in spec.items() if k != "kind"}
         registry.check_options(group, spec["kind"], opts)
+    for key in SPLIT_KEYS:
+        if key in cfg.eval.task and cfg.eval.task[key] != cfg.task.get(key):
+            raise ConfigError(
+                f"eval.task.{key}={cfg.eval.task[key]!r} differs from task.{key}="
+                f"{cfg.task.get(key)!r}: the test episodes must come from the same split "
+                "definition as training (another one can overlap the training classes); "
+                f"drop eval.task.{key}, or set task.{key} and train a new run")
     test_opts = {k: v for k, v in cfg.test_task_spec().items() if k != "kind"}
     registry.check_options("task", cfg.task["kind"], test_opts)
     if cfg.train.meta_batch < 1:

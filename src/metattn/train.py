@@ -28,9 +28,11 @@ from metattn.errors import CheckpointError, ConfigError, MetattnError
 from metattn.meta.base import Learner
 
 # Keys that may differ between a run and its resumption (they do not change the maths).
+# ``eval.chunk`` is not among them: with the seed it fixes which test episodes are drawn.
+# ``train.steps`` is, except under the cosine schedule, whose horizon it is (checked below).
 RESUMABLE_KEYS = {"train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
                   "train.progress", "train.tensorboard", "train.target", "eval.episodes",
-                  "train.eval_episodes", "eval.chunk"}
+                  "train.eval_episodes"}
 
 
 class TrainingError(MetattnError, RuntimeError):
@@ -103,14 +105,31 @@ def build(cfg: RunConfig, device: torch.device) -> tuple[Any, Any, Learner]:
 
 def evaluate(learner: Learner, episodes: list[TaskBatch], device: torch.device,
              dtype: torch.dtype) -> dict[str, Any]:
-    """Mean and 95% CI of every per-task metric over a fixed list of episode batches."""
+    """Mean and 95% CI of every per-task metric over a fixed list of episode batches.
+
+    The learner runs in eval mode (no dropout: an episode's result must not depend on the
+    random state or on its chunk-mates) and inside a forked RNG, so evaluating during training
+    leaves the training run's random stream untouched. A task whose loss is not finite
+    (diverged adaptation) is left out of EVERY metric and counted once per metric as
+    ``<metric>_diverged``.
+    """
     per_task: dict[str, list[torch.Tensor]] = {}
     was_training = learner.training
-    for b in episodes:
-        out = learner.evaluate(b.to(device, dtype))
-        for k, v in out.items():
-            per_task.setdefault(k, []).append(v.detach().float().cpu())
-    learner.train(was_training)
+    learner.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for b in episodes:
+                out = learner.evaluate(b.to(device, dtype))
+                loss = out.get("loss")
+                bad = (~torch.isfinite(loss.detach()) if loss is not None and loss.dim() == 1
+                       else None)
+                for k, v in out.items():
+                    v = v.detach().float().cpu()
+                    if bad is not None and v.dim() == 1 and bool(bad.any()):
+                        v = v.masked_fill(bad.cpu(), float("nan"))
+                    per_task.setdefault(k, []).append(v)
+    finally:
+        learner.train(was_training)
     res: dict[str, Any] = {"episodes": sum(b.num_tasks for b in episodes)}
     # Tasks whose adaptation diverged (non-finite loss) are counted, not averaged in.
     for k, vs in per_task.items():
@@ -328,6 +347,13 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                     raise ConfigError(
                         "--resume: the config differs from the run's config.yaml in "
                         f"{diff}; only {sorted(RESUMABLE_KEYS)} may change when resuming")
+                old_steps = (saved.get("train") or {}).get("steps")
+                if cfg.train.schedule == "cosine" and old_steps != cfg.train.steps:
+                    raise ConfigError(
+                        f"--resume: train.steps {old_steps} -> {cfg.train.steps}, but the "
+                        "cosine schedule spans train.steps, so the learning rate would jump "
+                        f"back up; resume with train.steps={old_steps}, or start a new run "
+                        "(--out NEW_DIR) with the longer schedule")
             if resume:
                 saved_ckpt = checkpoint.load(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -350,6 +376,8 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
         sched.load_state_dict(state["scheduler"])
         gen.set_state(tensors["extra/task_generator"])
         torch.set_rng_state(tensors["extra/torch_rng"])
+        if device.type == "cuda" and "extra/cuda_rng" in tensors:
+            torch.cuda.set_rng_state(tensors["extra/cuda_rng"], device)
         start, elapsed, best = state["step"], state["seconds"], state.get("best")
 
     model = learner
@@ -357,8 +385,11 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
         model = torch.nn.parallel.DistributedDataParallel(
             learner, device_ids=[device.index] if device.type == "cuda" else None)
 
-    eval_sets = {"periodic": fixed_episodes(test_tasks, cfg.train.eval_episodes, cfg.eval.seed,
-                                            cfg.eval.chunk)}
+    # Periodic evaluation (progress, ``best``, the ``target`` stop) uses OTHER test episodes
+    # than the final one (seed + 1), so the final number is never over episodes that decided
+    # when training stopped.
+    eval_sets = {"periodic": fixed_episodes(test_tasks, cfg.train.eval_episodes,
+                                            cfg.eval.seed + 1, cfg.eval.chunk)}
     logger = _Logger(run_dir, is_main, cfg.train.tensorboard, start if resume else None)
     progress = _Progress(is_main and cfg.train.progress, cfg.train.steps, start)
     n_way = None
@@ -376,7 +407,9 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                         {"step": step, "seconds": elapsed, "best": best,
                          "scheduler": sched.state_dict(), "config": cfg.to_dict(),
                          "torch": torch.__version__},
-                        {"task_generator": gen.get_state(), "torch_rng": torch.get_rng_state()})
+                        {"task_generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                         **({"cuda_rng": torch.cuda.get_rng_state(device)}
+                            if device.type == "cuda" else {})})
 
     # Ctrl-C: finish the current step, checkpoint, then stop (a second Ctrl-C stops at once).
     stop_requested = False

@@ -75,15 +75,21 @@ def resolve_names(model: nn.Module, names: Sequence[str] | str | None) -> list[s
 
 
 class AdaptedModel:
-    """A model with task-specific parameters: call it on query inputs."""
+    """A model with task-specific parameters: call it on query inputs.
 
-    def __init__(self, model: nn.Module, params: Params, buffers: Params):
+    ``norm_rewrite``: run under :class:`NormRewrite` (batch statistics, running statistics
+    untouched), as the inner loop that produced the parameters did."""
+
+    def __init__(self, model: nn.Module, params: Params, buffers: Params,
+                 norm_rewrite: bool = False):
         self.model = model
         self.params = params
         self.buffers = buffers
+        self.norm_rewrite = norm_rewrite
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, (self.params, self.buffers), (x,))
+        with NormRewrite(split_affine=False) if self.norm_rewrite else nullcontext():
+            return functional_call(self.model, (self.params, self.buffers), (x,))
 
 
 class MAML(Learner):
@@ -636,8 +642,8 @@ class MAML(Learner):
             return loss_fn(functional_call(model, (p, slow, bufs), (batch.support_x[0],)),
                            batch.support_y[0])
 
-        with torch.no_grad(), NormRewrite(split_affine=False) if self._needs_rewrite(False) \
-                else nullcontext():
+        rewrite = self._needs_rewrite(False)
+        with torch.no_grad(), NormRewrite(split_affine=False) if rewrite else nullcontext():
             for i in range(steps):
                 g, loss = grad_and_value(support_loss)(p, buffers)
                 if self.check_finite and not torch.isfinite(loss):
@@ -647,7 +653,7 @@ class MAML(Learner):
                     )
                 p = {k: p[k] - self._lr(k, i) * g[k] for k in p}
         slow_d = {k: v.detach() for k, v in slow.items()}
-        return AdaptedModel(model, {**slow_d, **p}, buffers)
+        return AdaptedModel(model, {**slow_d, **p}, buffers, norm_rewrite=rewrite)
 
 
 def _graph_leaves(t: torch.Tensor) -> list[torch.Tensor]:

@@ -8,10 +8,12 @@ vectorised inner loop runs under :class:`NormRewrite` with ``split_affine=True``
 ``TorchFunctionMode`` that does this rewrite at call time, so user modules stay untouched (no
 monkey-patching).
 
-In both paths (vmap and loop), ``batch_norm`` in training mode does not update running
-statistics inside the inner loop: an in-place update of an unbatched buffer from per-task
-(batched) statistics is impossible under ``vmap``, training-mode outputs use batch statistics
-anyway (as the MAML paper does), and both paths must give the same numbers.
+In both paths (vmap and loop), ``batch_norm`` always normalises with the statistics of the
+batch it sees, in training AND in eval mode, and never updates running statistics: an
+in-place update of an unbatched buffer from per-task (batched) statistics is impossible under
+``vmap``, both paths must give the same numbers, and running statistics that are never
+updated would be stale at test time. This is the MAML paper's protocol (per-task batch
+statistics at meta-training and at test); the module's mode still switches dropout.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def _channel_view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class NormRewrite(TorchFunctionMode):
-    """Torch-function mode: batch statistics without running-stat updates in training mode,
+    """Torch-function mode: batch statistics without running-stat updates in either mode,
     and (``split_affine=True``) affine norms computed as ``norm(x) * weight + bias``."""
 
     def __init__(self, split_affine: bool = True):
@@ -49,10 +51,12 @@ class NormRewrite(TorchFunctionMode):
         a = sig.bind(*args, **kwargs)
         a.apply_defaults()
         p = dict(a.arguments)
-        if func is F.batch_norm and p["training"]:
+        if func is F.batch_norm:
+            p["training"] = True
             p["running_mean"] = None
             p["running_var"] = None
-        if func is F.instance_norm and p["use_input_stats"]:
+        if func is F.instance_norm:
+            p["use_input_stats"] = True
             p["running_mean"] = None
             p["running_var"] = None
         if not self.split_affine:
