@@ -3,10 +3,11 @@
 ``linear``: the error-vs-k table of an in-context Transformer against least squares, ridge,
 Lasso (sparse tasks only), 3-nearest neighbours, averaging and MAML (an MLP meta-trained with
 the same wall-clock budget through the same recipe). The error of a prompt at k is the
-squared error of predicting point k+1 from the first k, divided by d (the zero predictor
-scores 1); mean ± 95% CI over a FIXED seeded set of prompts shared by every learner. Prints
-the table at k = 0, d/2, d, 2d and writes ``error_vs_k.png`` (all curves, every k),
-``icl_linear.json`` and ``icl_linear.md`` into ``--out``.
+squared error of predicting point k+1 from the first k, divided by d (by the sparsity s for
+sparse tasks, as in Garg et al.; the zero predictor scores 1); mean ± 95% CI over a FIXED
+seeded set of prompts shared by every learner. Prints the table at k = 0, d/2, d, 2d and
+writes ``error_vs_k.png`` (all curves, every k), ``icl_linear.json`` and ``icl_linear.md``
+into ``--out``.
 
 ``sinusoid``: the in-context learner's K-shot test MSE (one forward pass) against MAML's after
 1 and 10 inner steps, on the same 600 fixed test tasks (:func:`metattn.reports.
@@ -241,7 +242,7 @@ def plot_curves(curves: dict[str, bl.ErrorCurve], d: int, path: Path, title: str
         ax.fill_between(c.ks, m - ci, m + ci, alpha=0.2)
     ax.axvline(d, color="k", ls=":", lw=1)
     ax.set_xlabel("in-context examples k")
-    ax.set_ylabel("squared error / d")
+    ax.set_ylabel("normalised squared error (/ d; / s if sparse)")
     ax.set_ylim(-0.02, 1.25)
     ax.set_title(f"In-context linear regression, {title}")
     ax.grid(alpha=0.3)

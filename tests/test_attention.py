@@ -113,3 +113,37 @@ def test_record_attention_reads_out_maps():
         assert isinstance(module, mt.MultiHeadAttention)
         assert w.shape == (5, 2, 4, 4)
         torch.testing.assert_close(w.sum(-1), torch.ones(5, 2, 4))
+
+
+def test_fully_masked_query_gives_zeros_on_both_paths(fp64):
+    """A query that may attend to nothing: zero output (no NaN) on the fused and the math
+    path alike, and finite gradients on the math path (used for second-order MAML)."""
+    q, k, v = (torch.randn(1, 2, 3, 4, requires_grad=True) for _ in range(3))
+    mask = torch.ones(3, 3, dtype=torch.bool)
+    mask[1] = False  # query 1 sees no key
+    fused, _ = A.scaled_dot_product_attention(q, k, v, mask=mask)
+    with A.double_backward():
+        math_out, w = A.scaled_dot_product_attention(q, k, v, mask=mask, need_weights=True)
+    torch.testing.assert_close(fused, math_out)
+    assert torch.equal(math_out[..., 1, :], torch.zeros_like(math_out[..., 1, :]))
+    assert torch.equal(w[..., 1, :], torch.zeros_like(w[..., 1, :]))
+    (g,) = torch.autograd.grad(math_out.sum(), q)
+    assert torch.isfinite(g).all()
+
+
+def test_record_attention_under_vmap_maml_gives_usable_maps():
+    """Recording inside MAML's evaluation makes it loop over tasks (weights recorded in vmap
+    could not leave it): one usable map per task and attention module, rows summing to 1."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from models import make
+
+    m, batch = make("vit", T=2)
+    learner = mt.MAML(m, inner_lr=0.3, inner_steps=1, vectorize=True)
+    with A.record_attention() as rec:
+        learner.evaluate(batch, steps=1)
+    assert rec
+    for _, w in rec:
+        torch.testing.assert_close(w.sum(-1), torch.ones_like(w.sum(-1)))

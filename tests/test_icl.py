@@ -373,6 +373,37 @@ def test_maml_predict_fn_matches_per_task_adaptation():
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
     init = maml_predict_fn(maml)(b.support_x[:, :0], b.support_y[:, :0], b.query_x)
     torch.testing.assert_close(init, maml.model(b.query_x))
+    # the learner's own loss drives the batched adaptation too
+    l1 = MAML(MLP(4, [16], 1), inner_lr=0.05, eval_inner_steps=3,
+              loss_fn=torch.nn.functional.l1_loss)
+    torch.testing.assert_close(maml_predict_fn(l1)(b.support_x, b.support_y, b.query_x),
+                               adapted_predict_fn(l1)(b.support_x, b.support_y, b.query_x),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", [
+    LinearTasks(d=12, k_shot=4),
+    LinearTasks(d=12, k_shot=4, sparsity=3),
+    ReLUNetTasks(d=12, k_shot=4),
+    DecisionTreeTasks(d=12, k_shot=4),
+])
+def test_zero_predictor_scores_about_one_on_every_family(sampler):
+    """Garg et al.'s normalisation: squared error / d (dense), / s (sparse), / 1 (trees)."""
+    def zero(sx, sy, qx):
+        return torch.zeros(*qx.shape[:2], 1)
+
+    curve = error_vs_k(zero, sampler, [0, 2], n_prompts=4000, seed=1)
+    for m, c in zip(curve.mean, curve.ci95, strict=True):
+        assert abs(m - 1) < 3 * c + 0.05, (m, c)
+    # the in-context learner's own curve uses the same scale
+    model = ICLTransformer(d_x=12, d_model=16, n_layers=1, n_heads=2, max_points=8)
+    b = sampler.sample(3, gen(0))
+    err = InContextLearner(model).evaluate(b)["error_vs_k"]
+    xs = torch.cat([b.support_x, b.query_x[:, :1]], 1)
+    ys = torch.cat([b.support_y, b.query_y[:, :1]], 1)
+    with torch.no_grad():
+        raw = (model(xs, ys) - ys).pow(2).flatten(2).sum(-1)
+    torch.testing.assert_close(err, raw / sampler.error_scale)
 
 
 def test_recipe_trains_an_icl_config_with_curriculum_and_writes_the_curve(tmp_path):

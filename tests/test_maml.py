@@ -203,8 +203,11 @@ def test_maml_pp_options(fp64):
     assert {lr.shape for lr in learner.inner_lrs.values()} == {torch.Size([3])}
     w0 = learner.msl_weights(3, 0)
     assert w0 == pytest.approx([1 / 3] * 3)
-    w_end = learner.msl_weights(3, 100)
-    assert w_end[-1] == pytest.approx(1 - 2 * 0.01) and w_end[0] == pytest.approx(0.01)
+    w_late = learner.msl_weights(3, 99)
+    assert w_late[-1] == pytest.approx(1 - 2 * 0.01) and w_late[0] == pytest.approx(0.01)
+    # after the annealing, the final step alone (MAML++ reference code)
+    assert learner.msl_weights(3, 100) == [0.0, 0.0, 1.0]
+    assert learner.msl_weights(3, 10**6) == [0.0, 0.0, 1.0]
     loss, _ = learner.meta_loss(batch, step=0)
     loss.backward()
     # per-step per-layer rates all get gradients; with MSL at step 0 all 3 are used
@@ -438,3 +441,45 @@ def test_per_task_backward_keeps_one_task_graph_and_the_same_meta_gradient(fp64)
     loss, _ = taskwise.meta_loss(batch)
     with pytest.raises(RuntimeError, match="per_task_backward=False"):
         torch.autograd.grad(loss, list(m.parameters()), create_graph=True)
+
+
+def test_per_task_backward_keeps_parameters_only_some_tasks_reach():
+    """A model with a data-dependent branch: task 0 never uses ``extra``, task 1 does. The
+    per-task backward must still give ``extra`` task 1's meta-gradient."""
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+            self.extra = nn.Linear(2, 2, bias=False)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return h + self.extra(x) if bool(x[0, 0] > 0) else h
+
+    torch.manual_seed(0)
+    m = Branchy()
+    x = torch.randn(2, 4, 2)
+    x[0, :, 0] = -x[0, :, 0].abs() - 0.1  # task 0: branch off
+    x[1, :, 0] = x[1, :, 0].abs() + 0.1  # task 1: branch on
+    y = torch.randn(2, 4, 2)
+    batch = mt.TaskBatch(x, y, x.clone(), y.clone())
+    grads = []
+    for ptb in (False, True):
+        m.zero_grad(set_to_none=True)
+        mt.MAML(m, inner_lr=0.1, vectorize=False, per_task_backward=ptb,
+                loss_fn=F.mse_loss).meta_loss(batch)[0].backward()
+        assert m.extra.weight.grad is not None
+        grads.append(m.extra.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_checkpointed_vmap_with_running_stat_batchnorm():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+    batch = mt.TaskBatch(torch.randn(3, 6, 4), torch.randint(0, 3, (3, 6)),
+                         torch.randn(3, 5, 4), torch.randint(0, 3, (3, 5)), n_way=3)
+    ref = mt.MAML(m, inner_lr=0.5, inner_steps=2, vectorize=False).meta_loss(batch)[0]
+    got = mt.MAML(m, inner_lr=0.5, inner_steps=2, vectorize=True,
+                  checkpoint=True).meta_loss(batch)[0]
+    torch.testing.assert_close(got, ref)

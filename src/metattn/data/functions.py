@@ -68,6 +68,13 @@ class _FunctionFamily:
             )
         return da
 
+    @property
+    def error_scale(self) -> float:
+        """The divisor of the squared error in error-vs-k curves, so that the zero predictor
+        scores about 1 (Garg et al.'s normalisation: d for dense linear functions and ReLU
+        nets, the sparsity for sparse linear functions, 1 for decision trees)."""
+        return float(self.d)
+
     def _params(self, num_tasks: int, da: int, g: torch.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -98,6 +105,7 @@ class _FunctionFamily:
             y = y + self.noise_std * torch.randn(y.shape, generator=g)
         info = dict(params)
         info["d_active"] = torch.full((num_tasks,), da, dtype=torch.long)
+        info["error_scale"] = torch.full((num_tasks,), float(self.error_scale))
         return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:], info=info)
 
     def function(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -123,6 +131,11 @@ class LinearTasks(_FunctionFamily):
     noise_std: float = 0.0
     sparsity: int | None = None
     d_active: int | None = None
+
+    @property
+    def error_scale(self) -> float:
+        """The sparsity s for sparse w (E y^2 = s), else d (Garg et al.)."""
+        return float(self.sparsity) if self.sparsity is not None else float(self.d)
 
     def __post_init__(self) -> None:
         self._check()
@@ -192,6 +205,11 @@ class DecisionTreeTasks(_FunctionFamily):
     k_query: int = 1
     noise_std: float = 0.0
     d_active: int | None = None
+
+    @property
+    def error_scale(self) -> float:
+        """1: leaf values are N(0, 1) whatever d is (Garg et al.)."""
+        return 1.0
 
     def __post_init__(self) -> None:
         self._check()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from metattn.data.tasks import TaskSampler, fixed_episodes, mean_ci95
+from metattn.data.tasks import TaskBatch, TaskSampler, fixed_episodes, mean_ci95
 from metattn.errors import ConfigError
 from metattn.meta.base import Learner
 
@@ -145,7 +145,6 @@ def maml_predict_fn(learner: Learner, steps: int | None = None) -> PredictFn:
     initialisation, the learner's best guess before seeing data."""
     import torch.nn.functional as F
 
-    from metattn.data.tasks import TaskBatch
 
     def predict(sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
         n = learner.eval_inner_steps if steps is None else steps
@@ -153,15 +152,26 @@ def maml_predict_fn(learner: Learner, steps: int | None = None) -> PredictFn:
         if sx.shape[1] == 0:  # nothing to adapt on: the initialisation (support unused)
             sx, sy, n = qx, qy, 0
         with torch.no_grad():
-            out = learner._run(TaskBatch(sx, sy, qx, qy), F.mse_loss, n, True, [n])[2]
+            out = learner._run(TaskBatch(sx, sy, qx, qy), learner.loss_fn or F.mse_loss, n,
+                               True, [n])[2]
         return out[:, -1]
 
     return predict
 
 
+def error_scale(batch: TaskBatch) -> torch.Tensor | float:
+    """The per-task divisor of squared errors: ``info["error_scale"]`` (set by the samplers
+    of :mod:`metattn.data.functions`), else the input dimension."""
+    s = batch.info.get("error_scale")
+    if s is not None:
+        return s.to(torch.float64)
+    return float(batch.support_x[0, 0].numel())
+
+
 @dataclass
 class ErrorCurve:
-    """Normalised squared error (squared error / d) of point k+1 given k, with 95% CIs."""
+    """Normalised squared error (squared error / scale, see :func:`error_vs_k`) of point
+    k+1 given k, with 95% CIs."""
 
     ks: list[int]
     mean: list[float]
@@ -195,8 +205,10 @@ def error_vs_k(
     with ``k_shot``/``k_query`` fields (the samplers of :mod:`metattn.data.functions`,
     :class:`~metattn.data.synthetic.SinusoidTasks`) is re-parametrised to
     ``k_shot=max(ks), k_query=1``; any other sampler must already make prompts that long.
-    The error of one prompt is ``||f_hat(x_{k+1}) - y_{k+1}||^2 / d`` with d the input
-    dimension (Garg et al.'s normalisation: 1 for the zero predictor on linear functions).
+    The error of one prompt is ``||f_hat(x_{k+1}) - y_{k+1}||^2 / s`` with s the task
+    family's :func:`error_scale` (Garg et al.'s normalisation, about 1 for the zero predictor:
+    d for dense linear functions and ReLU nets, the sparsity for sparse linear ones, 1 for
+    decision trees; the input dimension for samplers that do not say).
     Report numbers with ``n_prompts >= 1000``.
     """
     ks = sorted({int(k) for k in ks})
@@ -204,7 +216,7 @@ def error_vs_k(
         raise ConfigError(f"error_vs_k: ks={list(ks)}; give at least one k >= 0")
     if n_prompts < 1:
         raise ConfigError(f"error_vs_k: n_prompts={n_prompts}; it must be >= 1")
-    batches = fixed_episodes(_prompt_sampler(sampler, max(ks)), n_prompts, seed, chunk)
+    batches = fixed_episodes(_prompt_sampler(sampler, max(max(ks), 1)), n_prompts, seed, chunk)
     errs: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
     with torch.no_grad():
         for b in batches:
@@ -215,10 +227,10 @@ def error_vs_k(
                     f"error_vs_k: the sampler makes prompts of {xs.shape[1]} points but "
                     f"k={max(ks)} needs {max(ks) + 1}; raise its k_shot or lower ks"
                 )
-            d = xs[0, 0].numel()
+            scale = error_scale(b)
             for k in ks:
                 pred = predict_fn(xs[:, :k], ys[:, :k], xs[:, k : k + 1])
                 err = (pred.double() - ys[:, k : k + 1].double()).pow(2).flatten(1).sum(1)
-                errs[k].append(err / d)
+                errs[k].append(err / scale)
     stats = [mean_ci95(torch.cat(errs[k])) for k in ks]
     return ErrorCurve(ks, [m for m, _ in stats], [c for _, c in stats])

@@ -239,7 +239,9 @@ class InContextLearner(Learner):
 
         * ``loss`` ``[T]``: query MSE (or ``loss_fn``) given all K support points.
         * ``error_vs_k`` ``[T, K + 1]``: the error-vs-k curve of Garg et al., column k the
-          squared error / d of predicting a point from the first k of the prompt
+          squared error / scale (d for dense linear tasks, see
+          :func:`metattn.meta.baselines.error_vs_k`) of predicting a point from the
+          first k of the prompt
           ``support + first query`` (one causal pass; column K is the first query's). The
           recipe reports its column means, so ``summary.json`` holds the whole curve.
         """
@@ -253,7 +255,10 @@ class InContextLearner(Learner):
                                     for t in range(batch.num_tasks)])
             xs = torch.cat([batch.support_x, batch.query_x[:, :1]], 1)
             ys = torch.cat([batch.support_y, batch.query_y[:, :1]], 1)
-            err = (self.model(xs, ys) - ys).pow(2).flatten(2).sum(-1) / xs[0, 0].numel()
+            scale = batch.info.get("error_scale")
+            scale = (scale.to(xs.dtype).unsqueeze(-1) if scale is not None
+                     else float(xs[0, 0].numel()))
+            err = (self.model(xs, ys) - ys).pow(2).flatten(2).sum(-1) / scale
         return {"loss": loss, "error_vs_k": err}
 
     def adapt(

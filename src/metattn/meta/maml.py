@@ -38,7 +38,7 @@ from metattn.data.tasks import TaskBatch
 from metattn.errors import ConfigError, InnerLoopError
 from metattn.meta.base import Learner, LossFn, accuracy, default_loss
 from metattn.meta.norms import NormRewrite
-from metattn.nn.attention import double_backward
+from metattn.nn.attention import double_backward, recording
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
                nn.LocalResponseNorm)
@@ -234,6 +234,8 @@ class MAML(Learner):
         workloads): on CUDA vmap wins by 10x+; on 2 CPU cores vmap wins for MLPs (7x, sinusoid)
         and Transformers (1.2x) but the loop wins for conv nets (2.5x, Conv-4), whose batched
         convolutions have no fast CPU path under vmap."""
+        if recording():  # recorded attention weights cannot leave a vmap
+            return False
         if self.vectorize == "auto":
             return device.type == "cuda" or not self._has_conv
         return bool(self.vectorize)
@@ -242,9 +244,11 @@ class MAML(Learner):
         """Per-inner-step weights of the query loss (MAML++ multi-step loss).
 
         Starts uniform (1/N each) and moves linearly over ``msl_steps`` outer steps to the
-        final step, keeping non-final weights at least 0.03/N (Antoniou et al. 2019).
+        final step, keeping non-final weights at least 0.03/N (Antoniou et al. 2019); from
+        outer step ``msl_steps`` on, the final step's loss alone.
         """
-        if self.msl_steps <= 0 or steps <= 1 or step is None:
+        if self.msl_steps <= 0 or steps <= 1 or step is None or step >= self.msl_steps:
+            # after the annealing, the final step alone (as in the MAML++ reference code)
             return [0.0] * (steps - 1) + [1.0]
         p = min(step / self.msl_steps, 1.0)
         n = steps
@@ -443,7 +447,10 @@ class MAML(Learner):
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-task backward: the meta-gradient of each task's weighted query loss is taken
         right after its inner loop, and the task's graph is freed before the next task."""
-        leaves: list[torch.Tensor] | None = None
+        # The leaves are collected task by task: a model with data-dependent branches may reach
+        # a parameter in one task's graph and not in another's.
+        leaves: list[torch.Tensor] = []
+        where: dict[int, int] = {}
         total: list[torch.Tensor | None] = []
         value = None
         outs = []
@@ -451,15 +458,20 @@ class MAML(Learner):
             s_t, q_t, o_t = one_task(t)
             w = torch.tensor(weights, dtype=q_t.dtype, device=q_t.device)
             loss_t = (q_t * w).sum() / num_tasks
-            if leaves is None:
-                leaves = _graph_leaves(loss_t)
-                total = [None] * len(leaves)
-            if leaves:
+            mine = _graph_leaves(loss_t)
+            for leaf in mine:
+                if id(leaf) not in where:
+                    where[id(leaf)] = len(leaves)
+                    leaves.append(leaf)
+                    total.append(None)
+            if mine:
                 # a backward, so outside any autocast region (as loss.backward() would be)
                 with torch.autocast(q_t.device.type, enabled=False):
-                    gs = torch.autograd.grad(loss_t, leaves, allow_unused=True)
-                total = [g if acc is None else (acc if g is None else acc + g)
-                         for acc, g in zip(total, gs, strict=True)]
+                    gs = torch.autograd.grad(loss_t, mine, allow_unused=True)
+                for leaf, g in zip(mine, gs, strict=True):
+                    i = where[id(leaf)]
+                    if g is not None:
+                        total[i] = g if total[i] is None else total[i] + g
             value = loss_t.detach() if value is None else value + loss_t.detach()
             outs.append((s_t.detach(), q_t.detach(), o_t.detach()))
         s, q, o = (torch.stack(z) for z in zip(*outs, strict=True))
@@ -494,12 +506,14 @@ class MAML(Learner):
             sl = dict(zip(slow_names, slow_vals))
             rates = dict(zip(rate_keys, rate_vals))
 
-            def support_loss(p_: Params) -> torch.Tensor:
-                return loss_fn(functional_call(model, (p_, sl, buffers), (sx,)), sy)
+            def support_loss(p_: Params, b_: Params = buffers) -> torch.Tensor:
+                return loss_fn(functional_call(model, (p_, sl, b_), (sx,)), sy)
 
             if use_vmap:  # torch.func.grad ignores the outer grad mode
                 p = dict(zip(names, p_vals))
-                g, loss = grad_and_value(support_loss)(p)
+                # buffers go in as an argument: a BatchNorm's in-place counter update on a
+                # tensor captured from outside grad() is an error
+                g, loss = grad_and_value(support_loss)(p, buffers)
                 return tuple(p[k] - self._lr(k, i, rates) * g[k] for k in names), loss
             with torch.enable_grad():
                 if not create_graph:

@@ -61,7 +61,8 @@ def record_attention() -> Iterator[list[tuple[nn.Module, torch.Tensor]]]:
     """Collect ``(module, weights)`` from every :class:`MultiHeadAttention` called inside.
 
     Weights have shape ``[..., heads, L_q, L_k]`` and are detached. Recording forces the
-    math path, which computes the weights explicitly.
+    math path, which computes the weights explicitly, and MAML's per-task loop (not vmap), so
+    each task's weights come out as their own entries.
     """
     store: list[tuple[nn.Module, torch.Tensor]] = []
     token = _RECORDER.set(store)
@@ -69,6 +70,12 @@ def record_attention() -> Iterator[list[tuple[nn.Module, torch.Tensor]]]:
         yield store
     finally:
         _RECORDER.reset(token)
+
+
+def recording() -> bool:
+    """Whether a :func:`record_attention` block is active (MAML then loops over tasks: weights
+    recorded inside vmap could not leave it)."""
+    return _RECORDER.get() is not None
 
 
 def fused_allowed(need_weights: bool) -> bool:
@@ -109,7 +116,13 @@ def scaled_dot_product_attention(
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask
-    weights = torch.softmax(scores, dim=-1)
+    if mask is not None or (is_causal and q.shape[-2] > k.shape[-2]):
+        # a query that may attend to nothing gets zero output (as the fused kernel gives),
+        # not the NaN of a softmax over -inf only; no NaN in the gradients either
+        empty = torch.isneginf(scores).all(-1, keepdim=True)
+        weights = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    else:
+        weights = torch.softmax(scores, dim=-1)
     attn = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     return torch.matmul(attn, v), weights
 
