@@ -27,6 +27,9 @@ def _real_root() -> Path | None:
     return next((c for c in candidates if c.is_dir()), None)
 
 
+# the tiny fake releases below are deliberately incomplete
+pytestmark = pytest.mark.filterwarnings("ignore:Omniglot.*holds .* characters:UserWarning")
+
 REAL = _real_root()
 needs_data = pytest.mark.skipif(REAL is None, reason="Omniglot data folder not found")
 
@@ -211,10 +214,55 @@ def test_default_root_missing_is_a_clear_error(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("METATTN_DATA", raising=False)
+    monkeypatch.setattr(om, "CHECKOUT_DATA", tmp_path / "no" / "such")
     with pytest.raises(DataError, match="METATTN_DATA"):
         om.default_root()
+    # the folder beside the checkout is found from any working directory
+    beside = tmp_path / "shared" / "data" / "omniglot"
+    beside.mkdir(parents=True)
+    monkeypatch.setattr(om, "CHECKOUT_DATA", beside)
+    assert om.default_root() == beside
+    # METATTN_DATA, when set, wins
     monkeypatch.setenv("METATTN_DATA", str(tmp_path / "elsewhere"))
     assert om.default_root() == tmp_path / "elsewhere" / "omniglot"
+
+
+def test_empty_cache_file_is_rebuilt(tiny_root: Path, tmp_path: Path) -> None:
+    """A 0-byte cache file (a crash between create and write) is rebuilt, not an error."""
+    d1 = load_omniglot(tiny_root, splits=["background"])
+    (cache,) = (tmp_path / "cache" / "omniglot").glob("*.npz")
+    cache.write_bytes(b"")
+    d2 = load_omniglot(tiny_root, splits=["background"])
+    np.testing.assert_array_equal(d1.images, d2.images)
+    assert cache.stat().st_size > 0
+
+
+def test_incomplete_release_warns(tmp_path: Path) -> None:
+    make_zip(tmp_path / "images_background.zip", "background", {"Alpha": 2})
+    with pytest.warns(UserWarning, match="holds 2 characters; the official background"):
+        load_omniglot(tmp_path, splits=["background"], cache_dir=False)
+
+
+@needs_data
+def test_verify_checks_the_extracted_contents(tmp_path: Path) -> None:
+    """The real zips match the official content digest; one flipped byte in a member does
+    not (the zip's CRC catches it) and a zip with a file removed does not."""
+    om.verify(REAL / "images_evaluation.zip", "evaluation")
+    with pytest.raises(DataError, match="official background"):
+        om.verify(REAL / "images_evaluation.zip", "background")
+    src = zipfile.ZipFile(REAL / "images_evaluation.zip")
+    short = tmp_path / "short.zip"
+    with zipfile.ZipFile(short, "w") as out:
+        for info in src.infolist()[:-1]:
+            out.writestr(info, src.read(info))
+    with pytest.raises(DataError, match="content sha256"):
+        om.verify(short, "evaluation")
+    data = bytearray((REAL / "images_evaluation.zip").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped = tmp_path / "flipped.zip"
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="download it again"):
+        om.verify(flipped, "evaluation")
 
 
 def test_corrupt_zip_is_a_data_error(tmp_path: Path) -> None:

@@ -188,11 +188,57 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
     ({"model": {"kind": "mpl"}}, "model.kind: unknown value 'mpl'; did you mean 'mlp'"),
     ({"taks": {}}, "taks: unknown key; did you mean 'task'"),
     ({"eval": {"task": {"k_qeury": 3}}}, "task.k_qeury.*did you mean 'k_query'"),
+    ({"eval": {"episodes": 0}}, "eval.episodes=0; it must be >= 1"),
+    ({"eval": {"chunk": -1}}, "eval.chunk=-1"),
+    ({"train": {"log_every": 0}}, "train.log_every=0"),
+    ({"train": {"eval_every": 2, "eval_episodes": 0}}, "train.eval_episodes=0"),
+    ({"train": {"threads": -1}}, "train.threads=-1"),
+    ({"train": {"device": "gpu"}}, "train.device='gpu' is not a device"),
+    ({"train": {"autocast": "fp16"}}, "fp16.*use 'bf16'"),
+    ({"train": {"autocast": "bf16", "dtype": "float64"}}, "does nothing to float64"),
 ])
 def test_config_errors_name_the_key(change, message):
-    data = {**json.loads(json.dumps(TINY)), **change}
+    data = json.loads(json.dumps(TINY))
+    for section, value in change.items():
+        if isinstance(data.get(section), dict) and section in ("train", "eval"):
+            data[section] = {**data[section], **value}
+        else:
+            data[section] = value
     with pytest.raises(ConfigError, match=message):
         from_dict(data)
+
+
+def test_eval_cli_options_and_checkpoint_mismatch_detail(tmp_path, capsys):
+    cfg = write_cfg(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", str(cfg), "--out", str(out), "--set", "train.steps=5",
+                 "--set", "train.eval_every=0"]) == 0
+    with pytest.raises(SystemExit):
+        main(["eval", str(out), "--episodes", "0"])
+    assert "not a positive integer" in capsys.readouterr().err
+    assert main(["eval", str(out), "--episodes", "7", "--device", "cpu", "--threads", "1"]) == 0
+    assert json.loads((out / "eval.json").read_text())["episodes"] == 7
+    # a resume may change threads and device (they do not change the maths)
+    assert main(["train", str(cfg), "--out", str(out), "--resume", "--set", "train.steps=5",
+                 "--set", "train.eval_every=0", "--set", "train.threads=1",
+                 "--set", "train.device=cpu"]) == 0
+    # a model that does not fit: the error names the mismatching keys
+    with open(out / "config.yaml") as f:
+        saved = yaml.safe_load(f)
+    saved["model"]["hidden"] = [8, 8]
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert main(["eval", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this model" in err and "size mismatch" in err
+
+
+def test_demo_refuses_a_non_empty_out(tmp_path, capsys):
+    from metattn.demo import main as demo
+
+    (tmp_path / "old.txt").write_text("keep me")
+    assert demo(["--out", str(tmp_path)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "old.txt").read_text() == "keep me"
 
 
 def test_missing_config_file_and_bad_override(tmp_path):
@@ -221,9 +267,14 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_continues(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "metattn", "train", str(cfg), "--out",
                              str(out)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    def logged() -> int:  # the log is being written: a half-written last line is not yet
+        try:
+            return len(losses(out)) if (out / "metrics.jsonl").is_file() else 0
+        except json.JSONDecodeError:
+            return 0
+
     deadline = time.time() + 60
-    while time.time() < deadline and not (
-            (out / "metrics.jsonl").is_file() and len(losses(out)) >= 5):
+    while time.time() < deadline and logged() < 5:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=60)

@@ -129,9 +129,16 @@ def restore(
     try:
         module.load_state_dict(model_sd)
     except RuntimeError as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:6])
         raise CheckpointError(
-            f"checkpoint does not fit this model ({str(e).splitlines()[0]}); the config's model "
-            "or learner section differs from the run that wrote it"
+            f"checkpoint does not fit this model: {detail or str(e)}; the config's model or "
+            "learner section differs from the run that wrote it"
         ) from e
     if optimizer is not None and "optimizer" in state:
-        optimizer.load_state_dict(_unflatten_optimizer(state["optimizer"], tensors))
+        try:
+            optimizer.load_state_dict(_unflatten_optimizer(state["optimizer"], tensors))
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(
+                f"the checkpoint's optimiser state does not fit this learner's parameters "
+                f"({e}); the config's learner or train.optimizer differs from the run's"
+            ) from e

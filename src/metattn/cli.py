@@ -45,7 +45,7 @@ def _print_summary(summary: dict, out: Path) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from metattn.train import evaluate_run
 
-    summary = evaluate_run(args.run_dir, args.episodes)
+    summary = evaluate_run(args.run_dir, args.episodes, args.device, args.threads)
     _print_summary(summary, Path(args.run_dir))
     print(f"  wrote {Path(args.run_dir) / 'eval.json'}")
     return 0
@@ -56,6 +56,13 @@ def _cmd_kinds(args: argparse.Namespace) -> int:
 
     print(json.dumps({g: registry.kinds(g) for g in ("task", "model", "learner")}, indent=1))
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     t.set_defaults(fn=_cmd_train)
     e = sub.add_parser("eval", help="re-evaluate a run's checkpoint on fixed test episodes")
     e.add_argument("run_dir")
-    e.add_argument("--episodes", type=int, default=None)
+    e.add_argument("--episodes", type=_positive, default=None,
+                   help="test episodes (default: the run's eval.episodes)")
+    e.add_argument("--device", default=None, help="evaluate on this device (default: the run's)")
+    e.add_argument("--threads", type=_positive, default=None, help="CPU threads")
     e.set_defaults(fn=_cmd_eval)
     k = sub.add_parser("kinds", help="list the registered task, model and learner kinds")
     k.set_defaults(fn=_cmd_kinds)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
 from metattn import registry
@@ -130,7 +131,39 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"train.meta_batch={cfg.train.meta_batch}; it must be >= 1")
     if cfg.train.steps < 0:
         raise ConfigError(f"train.steps={cfg.train.steps}; it must be >= 0")
+    _check_numbers(cfg)
     return cfg
+
+
+def _check_numbers(cfg: RunConfig) -> None:
+    """Values that would otherwise fail late (after training) or do nothing silently."""
+    t, e = cfg.train, cfg.eval
+    for key, value, least in (("train.log_every", t.log_every, 1),
+                              ("train.eval_every", t.eval_every, 0),
+                              ("train.checkpoint_every", t.checkpoint_every, 0),
+                              ("train.warmup_steps", t.warmup_steps, 0),
+                              ("eval.episodes", e.episodes, 1),
+                              ("eval.chunk", e.chunk, 1)):
+        if value < least:
+            raise ConfigError(f"{key}={value}; it must be >= {least}")
+    if t.eval_every > 0 and t.eval_episodes < 1:
+        raise ConfigError(f"train.eval_episodes={t.eval_episodes}; it must be >= 1 when "
+                          "train.eval_every > 0 (or set train.eval_every=0)")
+    if t.threads is not None and t.threads < 1:
+        raise ConfigError(f"train.threads={t.threads}; use a count >= 1, or null for "
+                          "PyTorch's default")
+    if t.device != "auto":
+        try:
+            torch.device(t.device)
+        except RuntimeError as err:
+            raise ConfigError(f"train.device={t.device!r} is not a device ({err}); use auto, "
+                              "cpu, cuda or cuda:N") from err
+    if t.autocast == "fp16":
+        raise ConfigError("train.autocast='fp16' has no loss scaling here (small gradients, "
+                          "the inner loop's included, would underflow to zero); use 'bf16'")
+    if t.autocast != "none" and t.dtype == "float64":
+        raise ConfigError(f"train.autocast={t.autocast!r} does nothing to float64 tensors; "
+                          "use train.dtype=float32 with autocast, or autocast=none")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

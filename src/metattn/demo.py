@@ -11,6 +11,7 @@ plots of adapted curves against the ground truth (each learner's, and both side 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-icl", action="store_true", help="MAML only")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        print(f"metattn demo: error: {out} is not empty; pass --out NEW_DIR (the default "
+              "`make demo` names a new folder by the time)", file=sys.stderr)
+        return 2
     t0 = time.time()
     cfg = load(args.config, args.set)
     summary = train(cfg, out / "maml")

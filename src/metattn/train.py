@@ -32,7 +32,7 @@ from metattn.meta.base import Learner
 # ``train.steps`` is, except under the cosine schedule, whose horizon it is (checked below).
 RESUMABLE_KEYS = {"train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
                   "train.progress", "train.tensorboard", "train.target", "eval.episodes",
-                  "train.eval_episodes"}
+                  "train.eval_episodes", "train.threads", "train.device"}
 
 
 class TrainingError(MetattnError, RuntimeError):
@@ -562,8 +562,10 @@ def final_evaluation(cfg: RunConfig, learner: Learner, test_tasks: Any, run_dir:
     return summary
 
 
-def evaluate_run(run_dir: str | Path, episodes: int | None = None) -> dict[str, Any]:
-    """Re-evaluate a run directory's checkpoint; writes ``eval.json``."""
+def evaluate_run(run_dir: str | Path, episodes: int | None = None, device: str | None = None,
+                 threads: int | None = None) -> dict[str, Any]:
+    """Re-evaluate a run directory's checkpoint; writes ``eval.json``. ``device`` and
+    ``threads`` override the run's (a GPU run can be evaluated on a CPU machine)."""
     from metattn.config import load
 
     run_dir = Path(run_dir)
@@ -571,7 +573,13 @@ def evaluate_run(run_dir: str | Path, episodes: int | None = None) -> dict[str, 
     if not cfg_path.is_file():
         raise CheckpointError(f"{str(run_dir)!r} has no config.yaml; is it a metattn run "
                               "directory (metattn train ... --out DIR)?")
-    cfg = load(cfg_path)
+    if episodes is not None and episodes < 1:
+        raise ConfigError(f"episodes={episodes}; evaluate on at least 1 episode")
+    overrides = [f"train.device={device}"] if device else []
+    overrides += [f"train.threads={threads}"] if threads else []
+    cfg = load(cfg_path, overrides)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
     dtype = getattr(torch, cfg.train.dtype)
     _, test_tasks, learner = build(cfg, device)
@@ -579,4 +587,4 @@ def evaluate_run(run_dir: str | Path, episodes: int | None = None) -> dict[str, 
     checkpoint.restore(tensors, state, learner)
     return final_evaluation(cfg, learner, test_tasks, run_dir, device, dtype, None,
                             state["step"], state["seconds"],
-                            episodes=episodes or cfg.eval.episodes)
+                            episodes=cfg.eval.episodes if episodes is None else episodes)

@@ -13,7 +13,7 @@ read straight from the zip with PIL, converted to 8-bit greyscale, resized to 28
 INVERTED, so that ink is bright: stored as ``uint8`` with ink = 255 and background = 0, which
 :class:`OmniglotTasks` turns into float32 in ``[0, 1]`` with ink = 1. The preprocessed array is
 cached as ``.npz`` in ``$METATTN_CACHE/omniglot`` (default ``~/.cache/metattn/omniglot``),
-never next to the data; the cache file name holds the zip's size and modification time (and
+never next to the data; the cache file name holds a digest of the zip's file list and CRCs (and
 the preprocessing version and image size), so a changed zip is re-read. A cold load decodes
 32,460 PNGs (about 10-15 s on one core); a warm load reads the cache (well under a second).
 
@@ -77,6 +77,14 @@ EXPECTED_PNGS = {"background": 19280, "evaluation": 13180}
 DRAWINGS = 20
 MAML_TRAIN_CHARACTERS = 1200
 URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/images_{split}.zip"
+# The shared data folder beside a source checkout (``<checkout>/../shared/data/omniglot``).
+CHECKOUT_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "omniglot"
+# sha256 of the extracted files (``sha256sum`` lines "<hex>  <path>", sorted by path), as the
+# data README gives it: it holds for any zip of the official PNGs, rebuilt or not.
+CONTENT_SHA256 = {
+    "background": "deaa02f758afda524b3a045c7af40311f2d9ded3e2a39f715ece8470d474bc6a",
+    "evaluation": "3d5e035f27423c362bf9a181af649b43cda64c1008f842177ddc5203269c901e",
+}
 # Bump when the preprocessing changes: old cache files are then ignored.
 _CACHE_VERSION = 1
 _PNG = re.compile(r"^images_(?P<split>[^/]+)/(?P<alphabet>[^/]+)/(?P<char>[^/]+)/(?P<file>[^/]+)$")
@@ -128,16 +136,20 @@ class Omniglot:
 
 # ------------------------------------------------------------------ locations
 def default_root() -> Path:
-    """Where the zips are: ``../shared/data/omniglot`` if it exists, else $METATTN_DATA/omniglot."""
-    local = Path("..") / "shared" / "data" / "omniglot"
-    if local.is_dir():
-        return local.resolve()
+    """Where the zips are: ``$METATTN_DATA/omniglot`` when METATTN_DATA is set, else
+    ``shared/data/omniglot`` beside the source checkout, else ``../shared/data/omniglot``
+    from the current folder."""
     env = os.environ.get("METATTN_DATA")
     if env:
         return Path(env).expanduser() / "omniglot"
+    beside = CHECKOUT_DATA
+    local = Path("..") / "shared" / "data" / "omniglot"
+    for cand in (beside, local):
+        if cand.is_dir():
+            return cand.resolve()
     raise DataError(
-        f"Omniglot: no data folder given and neither {local.resolve()} exists nor is "
-        "METATTN_DATA set; pass root=<folder with images_background.zip and "
+        f"Omniglot: no data folder given, METATTN_DATA is not set and neither {beside} nor "
+        f"{local.resolve()} exists; pass root=<folder with images_background.zip and "
         "images_evaluation.zip>, set METATTN_DATA=<folder containing omniglot/>, or fetch "
         "the zips with metattn.data.omniglot.download(root)"
     )
@@ -215,6 +227,14 @@ def read_zip(path: str | os.PathLike, split: str, image_size: int = 28) -> Omnig
         ) from e
     with zf:
         chars = _list_characters(zf, path, split)
+        if len(chars) != EXPECTED_CHARACTERS.get(split, len(chars)):
+            warnings.warn(
+                f"Omniglot: {path} holds {len(chars)} characters; the official {split} "
+                f"release has {EXPECTED_CHARACTERS[split]}. The 'maml' protocol's split (the "
+                "first 1200 characters) then differs from everyone else's; check the zip "
+                "with metattn.data.omniglot.verify(path, split)",
+                stacklevel=3,
+            )
         images = np.empty((len(chars), DRAWINGS, image_size, image_size), dtype=np.uint8)
         for i, files in enumerate(chars.values()):
             for j, name in enumerate(files):
@@ -266,14 +286,18 @@ def _load_split(path: Path, split: str, image_size: int, cache_dir: Path | None)
     if cache.is_file():
         try:
             with np.load(cache, allow_pickle=False) as z:
-                return Omniglot(
+                cached = Omniglot(
                     images=z["images"],
                     alphabets=[str(a) for a in z["alphabets"]],
                     names=[str(n) for n in z["names"]],
                     splits=[split] * len(z["names"]),
                 )
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-            pass  # a broken cache file is rebuilt below
+            n = len(cached.names)
+            if cached.images.shape == (n, DRAWINGS, image_size, image_size) \
+                    and len(cached.alphabets) == n and n > 0:
+                return cached
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # a broken or empty cache file is rebuilt below
     data = read_zip(path, split, image_size)
     if _inside(cache_dir, path.parent):
         warnings.warn(
@@ -289,6 +313,8 @@ def _load_split(path: Path, split: str, image_size: int, cache_dir: Path | None)
         with os.fdopen(fd, "wb") as f:
             np.savez(f, images=data.images, alphabets=np.array(data.alphabets),
                      names=np.array(data.names))
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a crash leaves no empty file
         os.chmod(tmp, 0o644)
         os.replace(tmp, cache)  # atomic: concurrent loaders never see a half-written file
         tmp = None
@@ -344,33 +370,56 @@ def split_characters(data: Omniglot, protocol: Protocol, split: str) -> Omniglot
 
 
 # ------------------------------------------------------------------ download
-def download(root: str | os.PathLike, force: bool = False) -> Path:
-    """Fetch the official zips from GitHub into ``root`` and check what they contain.
+def content_digest(path: str | os.PathLike) -> str:
+    """sha256 of a zip's extracted files, computed as ``find DIR -type f -exec sha256sum {} +
+    | LC_ALL=C sort -k2 | sha256sum`` would on the extracted folder (reads every member, so
+    a corrupt member raises ``zipfile.BadZipFile``)."""
+    import hashlib
 
-    The zips' md5s vary between copies, so the check is on the extracted contents: the
-    number of PNGs per split in the official layout (19,280 background, 13,180 evaluation).
+    with zipfile.ZipFile(path) as zf:
+        lines = sorted(
+            ((i.filename, hashlib.sha256(zf.read(i)).hexdigest())
+             for i in zf.infolist() if not i.is_dir()),
+            key=lambda t: t[0].encode(),
+        )
+    return hashlib.sha256("".join(f"{d}  {n}\n" for n, d in lines).encode()).hexdigest()
+
+
+def verify(path: str | os.PathLike, split: str) -> None:
+    """Check that ``path`` holds exactly the official ``split`` PNGs (:data:`CONTENT_SHA256`);
+    a :class:`DataError` names the file otherwise."""
+    try:
+        got = content_digest(path)
+    except (zipfile.BadZipFile, OSError, zlib.error, EOFError) as e:
+        raise DataError(f"Omniglot: {path} is not a readable zip ({e}); download it again") \
+            from e
+    if got != CONTENT_SHA256[split]:
+        raise DataError(
+            f"Omniglot: the files in {path} have content sha256 {got}, the official {split} "
+            f"release {CONTENT_SHA256[split]}; download it again (download(root, force=True))"
+        )
+
+
+def download(root: str | os.PathLike, force: bool = False) -> Path:
+    """Fetch the official zips from GitHub into ``root`` and verify what they contain.
+
+    The check is on the extracted files (:func:`verify`, the content sha256 of every PNG),
+    so a rebuilt copy of the official zip passes too. A zip already in ``root`` is verified
+    instead of fetched again (``force=True`` fetches anyway).
     """
     root_p = Path(root).expanduser()
     root_p.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
         dest = _zip_path(root_p, split)
         if dest.is_file() and not force:
+            verify(dest, split)
             continue
         url = URL.format(split=split)
         fd, tmp = tempfile.mkstemp(dir=root_p, suffix=".zip.part")
         try:
             with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
                 shutil.copyfileobj(r, f)
-            try:
-                with zipfile.ZipFile(tmp) as zf:
-                    n = sum(len(v) for v in _list_characters(zf, Path(url), split).values())
-            except zipfile.BadZipFile as e:
-                raise DataError(f"Omniglot.download: {url} is not a zip ({e})") from e
-            if n != EXPECTED_PNGS[split]:
-                raise DataError(
-                    f"Omniglot.download: {url} holds {n} character PNGs; the official "
-                    f"{split} split has {EXPECTED_PNGS[split]}"
-                )
+            verify(tmp, split)
             os.replace(tmp, dest)
         finally:
             if os.path.exists(tmp):
