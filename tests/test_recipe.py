@@ -273,11 +273,16 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_continues(tmp_path):
         except json.JSONDecodeError:
             return 0
 
-    deadline = time.time() + 60
-    while time.time() < deadline and logged() < 5:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=60)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and logged() < 5:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # never leave a 100000-step run behind
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 130, output
     assert "interrupted: checkpoint at step" in output
     step = checkpoint.load(out)[1]["step"]
