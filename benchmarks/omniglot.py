@@ -86,13 +86,17 @@ class Budget:
     def __call__(self, step: int, vals: dict[str, float]) -> None:
         elapsed = float(vals["seconds"])
         per_step = elapsed / max(step, 1)
+        if step >= self.cap:  # the config's own length reached first: the run ends there
+            return
         if elapsed + per_step > self.seconds:
             self.cfg.train.steps = step  # the recipe's loop ends, saves and evaluates
             self.stopped_by_budget = True
             return
-        if self.fit:
+        if self.fit and elapsed >= 0.1 * self.seconds:
+            # fitted once a tenth of the budget gives a fair time per step; then the horizon
+            # only ever shrinks (a cosine schedule must not rise again), never past train.steps
             projected = int(self.seconds / per_step)
-            self.cfg.train.steps = max(step + 1, min(self.cap, projected))
+            self.cfg.train.steps = max(step + 1, min(self.cfg.train.steps, self.cap, projected))
 
 
 # ---------------------------------------------------------------------- rows

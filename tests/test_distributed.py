@@ -59,19 +59,24 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
-def test_two_processes_equal_one_and_resume_on_one(tmp_path):
-    cfg_path = tmp_path / "ddp.yaml"
-    cfg_path.write_text(yaml.safe_dump(CFG))
+def _torchrun(cfg_path: Path, out: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     src = str(Path(metattn.__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "metattn", "train", str(cfg_path), "--out", str(two)]
+           "-m", "metattn", "train", str(cfg_path), "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_two_processes_equal_one_and_resume_on_one(tmp_path):
+    cfg_path = tmp_path / "ddp.yaml"
+    cfg_path.write_text(yaml.safe_dump(CFG))
+    two = tmp_path / "two"
+    proc = _torchrun(cfg_path, two)
     assert "2 process(es)" in proc.stdout
     assert proc.stdout.count("test loss") == 1  # only rank 0 reports
 
@@ -88,3 +93,30 @@ def test_two_processes_equal_one_and_resume_on_one(tmp_path):
     _assert_same(_model(two), _model(one))
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-9, abs=1e-12)
     assert len(_losses(two)) == 5
+
+
+OMNIGLOT = (Path(metattn.__file__).resolve().parents[2].parent / "shared" / "data" / "omniglot")
+
+
+@pytest.mark.skipif(not OMNIGLOT.is_dir() and not os.environ.get("METATTN_DATA"),
+                    reason="Omniglot data folder not found")
+def test_protonet_on_two_processes_equals_one(tmp_path):
+    """A metric learner never uses Conv4's head: DDP must not wait for its gradient. With
+    each task normalised on its own, 2 ranks x 1 task equal 1 process x 2 tasks."""
+    data = json.loads(json.dumps(CFG))
+    data["task"] = {"kind": "omniglot", "n_way": 5, "k_shot": 1, "k_query": 2}
+    data["model"] = {"kind": "conv4", "hidden": 8}
+    data["learner"] = {"kind": "protonet", "scale": 0.05}
+    data["train"].update({"meta_batch": 2, "dtype": "float32"})
+    data["eval"] = {"episodes": 4, "chunk": 4}
+    cfg_path = tmp_path / "pn.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    _torchrun(cfg_path, tmp_path / "two")
+    train(from_dict(data), tmp_path / "one")
+    # Conv biases feed BatchNorm, which removes them: their true gradient is 0, so Adam turns
+    # rounding noise into full-size steps; they cannot change any output and are left out.
+    conv_bias = {f"model/model.body.{i}.bias" for i in (0, 4, 8, 12)}
+    two, one = _model(tmp_path / "two"), _model(tmp_path / "one")
+    _assert_same({k: v for k, v in two.items() if k not in conv_bias},
+                 {k: v for k, v in one.items() if k not in conv_bias})
+    assert len(two) - len(conv_bias) >= 10

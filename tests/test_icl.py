@@ -333,7 +333,7 @@ def test_curriculum_config_errors():
         build("task", {**base, "curriculum": {"d_end": 6}}, "train")
     with pytest.raises(ConfigError, match="prompt length"):
         build("task", {**base, "curriculum": {"points_end": 20}}, "train")
-    with pytest.raises(ConfigError, match="expected an int"):
+    with pytest.raises(ConfigError, match="curriculum: got .*expects dict\\[str, int\\]"):
         build("task", {**base, "curriculum": {"every": 1.5}}, "train")
     with pytest.raises(ConfigError, match="curriculum"):
         build("task", {**base, "curriculum": 3}, "train")

@@ -483,3 +483,13 @@ def test_checkpointed_vmap_with_running_stat_batchnorm():
     got = mt.MAML(m, inner_lr=0.5, inner_steps=2, vectorize=True,
                   checkpoint=True).meta_loss(batch)[0]
     torch.testing.assert_close(got, ref)
+
+
+def test_bad_step_counts_and_empty_adapt_are_config_errors():
+    m, _ = make("mlp")
+    with pytest.raises(ConfigError, match="eval_inner_steps=-1"):
+        mt.MAML(m, eval_inner_steps=-1)
+    with pytest.raises(ConfigError, match="inner_steps=-2"):
+        mt.MAML(m, inner_steps=-2)
+    with pytest.raises(ConfigError, match="adapt=\\[\\] names no parameter"):
+        mt.MAML(m, adapt=[])

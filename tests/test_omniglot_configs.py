@@ -135,11 +135,17 @@ def test_budget_stops_and_fits_the_schedule():
     cfg = load(ROOT / "configs" / "omniglot_5w1s_protonet_cpu.yaml",
                ["train.steps=1000", "train.schedule=cosine"])
     cb = bench.Budget(cfg, seconds=100.0, fit_schedule=True)
-    cb(10, {"seconds": 2.0})  # 0.2 s/step -> 500 steps fit
+    cb(10, {"seconds": 2.0})  # before a tenth of the budget: no fit yet
+    assert cfg.train.steps == 1000
+    cb(50, {"seconds": 10.0})  # 0.2 s/step -> 500 steps fit
     assert cfg.train.steps == 500 and not cb.stopped_by_budget
+    cb(100, {"seconds": 15.0})  # faster now, but the horizon never grows back
+    assert cfg.train.steps == 500
     cb(400, {"seconds": 99.9})  # the next step would overrun
     assert cfg.train.steps == 400 and cb.stopped_by_budget
     cfg = load(ROOT / "configs" / "omniglot_5w1s_protonet_cpu.yaml", ["train.steps=300"])
     cb = bench.Budget(cfg, seconds=100.0, fit_schedule=True)
-    cb(10, {"seconds": 2.0})  # never above the config's steps
+    cb(50, {"seconds": 10.0})  # never above the config's steps
     assert cfg.train.steps == 300
+    cb(300, {"seconds": 20.0})  # the config's length reached: the run ends, budget or not
+    assert cfg.train.steps == 300 and not cb.stopped_by_budget

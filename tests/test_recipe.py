@@ -196,6 +196,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
     ({"train": {"device": "gpu"}}, "train.device='gpu' is not a device"),
     ({"train": {"autocast": "fp16"}}, "fp16.*use 'bf16'"),
     ({"train": {"autocast": "bf16", "dtype": "float64"}}, "does nothing to float64"),
+    ({"model": {"kind": "mlp", "hidden": [40.5]}}, "model.hidden: got \\[40.5\\].*list\\[int\\]"),
 ])
 def test_config_errors_name_the_key(change, message):
     data = json.loads(json.dumps(TINY))

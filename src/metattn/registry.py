@@ -59,6 +59,13 @@ def get_builder(group: str, kind: str) -> Callable[..., Any]:
     return table[kind]
 
 
+def _ann_name(ann: Any) -> str:
+    """``int``, ``list[int]``, ``dict[str, int]``: an annotation as a user would write it."""
+    if isinstance(ann, type) and not typing.get_args(ann):
+        return ann.__name__
+    return str(ann).replace("typing.", "")
+
+
 def _type_ok(value: Any, ann: Any) -> bool:
     if ann is inspect.Parameter.empty or ann is Any:
         return True
@@ -70,9 +77,18 @@ def _type_ok(value: Any, ann: Any) -> bool:
     if origin is typing.Literal:
         return value in typing.get_args(ann)
     if origin in (list, tuple, typing.Sequence) or ann in (list, tuple):
-        return isinstance(value, (list, tuple))
+        if not isinstance(value, (list, tuple)):
+            return False
+        args = [a for a in typing.get_args(ann) if a is not Ellipsis]
+        if origin is tuple and len(args) > 1:  # tuple[int, str]: one type per position
+            return len(value) == len(args) and all(map(_type_ok, value, args))
+        return not args or all(_type_ok(v, args[0]) for v in value)
     if origin is dict or ann is dict:
-        return isinstance(value, dict)
+        if not isinstance(value, dict):
+            return False
+        args = typing.get_args(ann)
+        return len(args) != 2 or all(_type_ok(k, args[0]) and _type_ok(v, args[1])
+                                     for k, v in value.items())
     if ann is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if ann is int:
@@ -107,7 +123,7 @@ def check_options(group: str, kind: str, options: dict[str, Any]) -> None:
         if not _type_ok(value, ann):
             raise ConfigError(
                 f"{group}.{key}: got {value!r} ({type(value).__name__}) but {kind!r} expects "
-                f"{getattr(ann, '__name__', None) or ann}; fix the value in the YAML or --set"
+                f"{_ann_name(ann)}; fix the value in the YAML or --set"
             )
     for n, p in params.items():
         if p.default is p.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) \

@@ -40,16 +40,16 @@ class TrainingError(MetattnError, RuntimeError):
 
 
 # ---------------------------------------------------------------------- processes and devices
-def setup_distributed() -> tuple[int, int, int]:
+def setup_distributed(device: str = "auto") -> tuple[int, int, int]:
     """Join the torchrun process group if there is one: (rank, world_size, local_rank).
 
-    The backend is NCCL when CUDA is available, else gloo; ``METATTN_DIST_BACKEND`` overrides
-    it (e.g. ``gloo`` to test a multi-process run on a GPU machine's CPUs).
+    The backend is NCCL when the run's ``device`` is a GPU (``auto`` with CUDA available, or
+    ``cuda``), else gloo; ``METATTN_DIST_BACKEND`` overrides it.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = os.environ.get("METATTN_DIST_BACKEND") or (
-            "nccl" if torch.cuda.is_available() else "gloo")
+        on_gpu = torch.cuda.is_available() and (device == "auto" or device.startswith("cuda"))
+        backend = os.environ.get("METATTN_DIST_BACKEND") or ("nccl" if on_gpu else "gloo")
         if backend == "nccl" and torch.cuda.is_available():
             # bind this process to its GPU before NCCL creates its communicators
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -237,8 +237,9 @@ class _Logger:
 class _Progress:
     """A rich progress bar on rank 0 (quiet when disabled or not on a terminal)."""
 
-    def __init__(self, enabled: bool, total: int, start: int):
+    def __init__(self, enabled: bool, total: int, start: int, main: bool = True):
         self.bar = None
+        self.main = main  # messages come from rank 0 only
         if not enabled:
             return
         from rich.progress import (
@@ -261,6 +262,8 @@ class _Progress:
             self.bar.update(self.task, completed=step, info=info)
 
     def print(self, msg: str) -> None:
+        if not self.main:
+            return
         if self.bar is not None:
             self.bar.console.print(msg)
         else:
@@ -302,7 +305,7 @@ def train(
         # tiny models (the sinusoid MLP) run faster on one CPU thread than on two
         torch.set_num_threads(cfg.train.threads)
     created = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
-    rank, world, local_rank = setup_distributed()
+    rank, world, local_rank = setup_distributed(cfg.train.device)
     try:
         return _train(cfg, out_dir, resume, callbacks, rank, world, local_rank)
     finally:
@@ -382,8 +385,15 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
 
     model = learner
     if world > 1:
+        # find_unused_parameters: the metric learners never use the backbone's ``head`` and
+        # MAML with zero inner steps never uses learned inner rates; without it DDP stops at
+        # the second step waiting for their gradients.
         model = torch.nn.parallel.DistributedDataParallel(
-            learner, device_ids=[device.index] if device.type == "cuda" else None)
+            learner, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True)
+        # every rank its own random stream (dropout masks, vmap randomness), reproducible
+        # from (seed, rank, start step); one process keeps the plain seeded stream
+        torch.manual_seed(cfg.seed * 1_000_003 + rank * 7_919 + start)
 
     # Periodic evaluation (progress, ``best``, the ``target`` stop) uses OTHER test episodes
     # than the final one (seed + 1), so the final number is never over episodes that decided
@@ -391,7 +401,7 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
     eval_sets = {"periodic": fixed_episodes(test_tasks, cfg.train.eval_episodes,
                                             cfg.eval.seed + 1, cfg.eval.chunk)}
     logger = _Logger(run_dir, is_main, cfg.train.tensorboard, start if resume else None)
-    progress = _Progress(is_main and cfg.train.progress, cfg.train.steps, start)
+    progress = _Progress(is_main and cfg.train.progress, cfg.train.steps, start, is_main)
     n_way = None
     per_rank = cfg.train.meta_batch // world
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.autocast)

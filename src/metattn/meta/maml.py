@@ -171,6 +171,13 @@ class MAML(Learner):
         self.second_order_start = int(second_order_start)
         self.eval_inner_steps = int(eval_inner_steps if eval_inner_steps is not None
                                     else inner_steps)
+        for key, value in (("inner_steps", self.inner_steps),
+                           ("eval_inner_steps", self.eval_inner_steps)):
+            if value < 0:
+                raise ConfigError(f"MAML: {key}={value}; it must be >= 0")
+        if adapt is not None and not self.adapt_names:
+            raise ConfigError("MAML: adapt=[] names no parameter to adapt; name some (ANIL: "
+                              "['head']) or leave adapt unset to adapt all")
         self.vectorize = vectorize
         self.chunk_size = chunk_size
         self.checkpoint = bool(checkpoint)
