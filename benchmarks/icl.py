@@ -63,6 +63,8 @@ def seconds_per_step(cfg: RunConfig, n: int = 12) -> float:
     """Median seconds of one meta-step (sampling, forward, backward, Adam) of ``cfg``'s
     learner, timed at the curriculum's LAST stage (the longest prompts): a conservative rate
     for sizing a time budget."""
+    if cfg.train.threads:  # timed on the threads the run will train on (the recipe sets them)
+        torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
     train_tasks, _, learner = build(cfg, device)
     if hasattr(train_tasks, "set_step"):
@@ -266,7 +268,10 @@ def sinusoid(args: argparse.Namespace) -> int:
         if run:
             _, learner, summary = load_run(Path(run))
         else:
-            learner, summary = train_for(load(config, sets), out / name, args.steps,
+            # both learners on --threads threads (the configs' own counts differ), so an
+            # equal time budget is an equal compute budget
+            cfg = load(config, [f"train.threads={args.threads}", *sets])
+            learner, summary = train_for(cfg, out / name, args.steps,
                                          args.minutes * 60 if args.minutes else None)
         trained[name] = (learner, summary)
     icl, isum = trained["icl"]
