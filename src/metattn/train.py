@@ -505,6 +505,9 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                                              if not isinstance(v, list)}, "seconds": elapsed})
                 progress.print(f"  step {step}: test {key} {mean:.4f} ± {ci:.4f} "
                                f"({res['episodes']} episodes)")
+                # rank 0's numbers decide for every rank (GPU kernels need not agree bit for
+                # bit, and a rank that stopped alone would leave the others in a collective)
+                mean = _share(mean, world)
                 better = best is None or (mean > best if key == "accuracy" else mean < best)
                 best = mean if better else best
                 if cfg.train.target is not None and (
