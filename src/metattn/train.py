@@ -404,7 +404,7 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
     progress = _Progress(is_main and cfg.train.progress, cfg.train.steps, start, is_main)
     n_way = None
     per_rank = cfg.train.meta_batch // world
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.autocast)
+    amp = torch.bfloat16 if cfg.train.autocast == "bf16" else None  # fp16: rejected by config
 
     def save(step: int) -> None:
         if not is_main:

@@ -116,6 +116,13 @@ class _FunctionFamily:
         return self._f(x, params)
 
 
+def error_scale(batch: TaskBatch) -> torch.Tensor | float:
+    """The per-task divisor ``[T]`` of squared errors in error-vs-k curves:
+    ``info["error_scale"]`` (set by the samplers here), else the input dimension."""
+    s = batch.info.get("error_scale")
+    return s if s is not None else float(batch.support_x[0, 0].numel())
+
+
 @dataclass
 class LinearTasks(_FunctionFamily):
     """Linear regression y = w . x (+ noise), w ~ N(0, I_d), as in Garg et al. (2022).

@@ -73,7 +73,6 @@ from metattn.errors import DataError, TaskError
 
 SPLITS = ("background", "evaluation")
 EXPECTED_CHARACTERS = {"background": 964, "evaluation": 659}
-EXPECTED_PNGS = {"background": 19280, "evaluation": 13180}
 DRAWINGS = 20
 MAML_TRAIN_CHARACTERS = 1200
 URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/images_{split}.zip"
@@ -142,13 +141,12 @@ def default_root() -> Path:
     env = os.environ.get("METATTN_DATA")
     if env:
         return Path(env).expanduser() / "omniglot"
-    beside = CHECKOUT_DATA
     local = Path("..") / "shared" / "data" / "omniglot"
-    for cand in (beside, local):
+    for cand in (CHECKOUT_DATA, local):
         if cand.is_dir():
             return cand.resolve()
     raise DataError(
-        f"Omniglot: no data folder given, METATTN_DATA is not set and neither {beside} nor "
+        f"Omniglot: no data folder given, METATTN_DATA is not set and neither {CHECKOUT_DATA} nor "
         f"{local.resolve()} exists; pass root=<folder with images_background.zip and "
         "images_evaluation.zip>, set METATTN_DATA=<folder containing omniglot/>, or fetch "
         "the zips with metattn.data.omniglot.download(root)"

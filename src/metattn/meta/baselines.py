@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from metattn.data.functions import error_scale
 from metattn.data.tasks import TaskBatch, TaskSampler, fixed_episodes, mean_ci95
 from metattn.errors import ConfigError
 from metattn.meta.base import Learner
@@ -145,7 +146,6 @@ def maml_predict_fn(learner: Learner, steps: int | None = None) -> PredictFn:
     initialisation, the learner's best guess before seeing data."""
     import torch.nn.functional as F
 
-
     def predict(sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
         n = learner.eval_inner_steps if steps is None else steps
         qy = qx.new_zeros(*qx.shape[:2], sy.shape[-1])
@@ -157,15 +157,6 @@ def maml_predict_fn(learner: Learner, steps: int | None = None) -> PredictFn:
         return out[:, -1]
 
     return predict
-
-
-def error_scale(batch: TaskBatch) -> torch.Tensor | float:
-    """The per-task divisor of squared errors: ``info["error_scale"]`` (set by the samplers
-    of :mod:`metattn.data.functions`), else the input dimension."""
-    s = batch.info.get("error_scale")
-    if s is not None:
-        return s.to(torch.float64)
-    return float(batch.support_x[0, 0].numel())
 
 
 @dataclass
@@ -206,9 +197,10 @@ def error_vs_k(
     :class:`~metattn.data.synthetic.SinusoidTasks`) is re-parametrised to
     ``k_shot=max(ks), k_query=1``; any other sampler must already make prompts that long.
     The error of one prompt is ``||f_hat(x_{k+1}) - y_{k+1}||^2 / s`` with s the task
-    family's :func:`error_scale` (Garg et al.'s normalisation, about 1 for the zero predictor:
-    d for dense linear functions and ReLU nets, the sparsity for sparse linear ones, 1 for
-    decision trees; the input dimension for samplers that do not say).
+    family's :func:`~metattn.data.functions.error_scale` (Garg et al.'s normalisation, about
+    1 for the zero predictor: d for dense linear functions and ReLU nets, the sparsity for
+    sparse linear ones, 1 for decision trees; the input dimension for samplers that do not
+    say).
     Report numbers with ``n_prompts >= 1000``.
     """
     ks = sorted({int(k) for k in ks})
@@ -228,6 +220,7 @@ def error_vs_k(
                     f"k={max(ks)} needs {max(ks) + 1}; raise its k_shot or lower ks"
                 )
             scale = error_scale(b)
+            scale = scale.double() if isinstance(scale, torch.Tensor) else scale
             for k in ks:
                 pred = predict_fn(xs[:, :k], ys[:, :k], xs[:, k : k + 1])
                 err = (pred.double() - ys[:, k : k + 1].double()).pow(2).flatten(1).sum(1)

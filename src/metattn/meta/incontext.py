@@ -24,7 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metattn.data.functions import Curriculum, CurriculumTasks  # noqa: F401 (re-exported)
+from metattn.data.functions import (  # noqa: F401 (Curriculum* re-exported)
+    Curriculum,
+    CurriculumTasks,
+    error_scale,
+)
 from metattn.data.tasks import TaskBatch
 from metattn.errors import ConfigError, TaskError
 from metattn.meta.base import Learner, LossFn
@@ -255,9 +259,9 @@ class InContextLearner(Learner):
                                     for t in range(batch.num_tasks)])
             xs = torch.cat([batch.support_x, batch.query_x[:, :1]], 1)
             ys = torch.cat([batch.support_y, batch.query_y[:, :1]], 1)
-            scale = batch.info.get("error_scale")
-            scale = (scale.to(xs.dtype).unsqueeze(-1) if scale is not None
-                     else float(xs[0, 0].numel()))
+            scale = error_scale(batch)
+            if isinstance(scale, torch.Tensor):
+                scale = scale.to(xs.dtype).unsqueeze(-1)
             err = (self.model(xs, ys) - ys).pow(2).flatten(2).sum(-1) / scale
         return {"loss": loss, "error_vs_k": err}
 
