@@ -272,6 +272,52 @@ def test_conv4_channels_last_same_numbers_and_gradients() -> None:
     assert torch.isfinite(loss)
 
 
+def test_conv4_pool_before_relu_is_the_textbook_block_exactly() -> None:
+    """Conv4 max-pools before its ReLU (cheaper); values and gradients equal the paper's order."""
+    torch.manual_seed(0)
+    ours = Conv4(1, 5, hidden=8, image_size=28).double()
+    blocks: list[nn.Module] = []
+    for c in (1, 8, 8, 8):
+        blocks += [nn.Conv2d(c, 8, 3, padding=1), nn.BatchNorm2d(8, track_running_stats=False),
+                   nn.ReLU(), nn.MaxPool2d(2)]
+    textbook = nn.Sequential(*blocks).double()
+    textbook.load_state_dict({k.removeprefix("body."): v for k, v in ours.state_dict().items()
+                              if k.startswith("body.")})
+    assert [type(m) for m in ours.body[:4]] == [nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ReLU]
+    x = torch.randn(7, 1, 28, 28, dtype=torch.float64)
+    fa, fb = ours.features(x), textbook(x).flatten(1)
+    assert torch.equal(fa, fb)
+    w = torch.randn_like(fa)
+    ga = torch.autograd.grad((fa * w).sum(), list(ours.body.parameters()))
+    gb = torch.autograd.grad((fb * w).sum(), list(textbook.parameters()))
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_conv4_running_statistics_at_evaluation() -> None:
+    """track_running_stats: training episodes update running averages, evaluation uses them
+    (an image's embedding no longer depends on its episode); the default keeps batch stats."""
+    torch.manual_seed(0)
+    learner = build("learner", {"kind": "protonet"},
+                    build("model", {"kind": "conv4", "hidden": 8, "track_running_stats": True}))
+    bn = learner.model.body[1]
+    g = torch.Generator().manual_seed(0)
+    loss, _ = learner.meta_loss(blob_tasks(2, g))
+    assert int(bn.num_batches_tracked) == 2  # one pass per task (batch statistics in training)
+    assert not torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+    learner.eval()
+    assert not learner.batch_statistics()
+    x = blob_tasks(1, g).query_x[0]
+    with torch.no_grad():
+        alone = learner.model.features(x[:3])
+        mixed = learner.model.features(x)[:3]
+    torch.testing.assert_close(alone, mixed, rtol=1e-5, atol=1e-5)
+    plain = Conv4(1, 5, hidden=8).eval()
+    assert all(not m.track_running_stats for m in plain.modules() if isinstance(m, nn.BatchNorm2d))
+    with torch.no_grad():
+        assert not torch.allclose(plain.features(x[:3]), plain.features(x)[:3], atol=1e-3)
+
+
 @pytest.mark.parametrize("kind", ["protonet", "matching", "feat"])
 def test_episode_does_not_see_other_episodes_of_its_batch(kind):
     """With Conv4 (BatchNorm on batch statistics), an episode's logits are the same whether it

@@ -248,6 +248,9 @@ def test_missing_config_file_and_bad_override(tmp_path):
     with pytest.raises(ConfigError, match="key=value"):
         load(write_cfg(tmp_path), ["train.steps"])
     assert load(write_cfg(tmp_path), ["train.lr=3e-4"]).train.lr == pytest.approx(3e-4)
+    # a scalar in place of a section is an error, not a silent reset to the defaults
+    with pytest.raises(ConfigError, match="train: expected a mapping"):
+        load(write_cfg(tmp_path), ["train=0"])
 
 
 def test_training_lowers_test_mse_far_below_the_untrained_model(tmp_path):

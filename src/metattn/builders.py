@@ -31,8 +31,10 @@ def mlp(in_features: int = 1, hidden: list[int] = (40, 40), out_features: int = 
 
 @register("model", "conv4")
 def conv4(in_channels: int = 1, n_classes: int = 5, hidden: int = 64, image_size: int = 28,
-          channels_last: bool = False) -> nn.Module:
-    return Conv4(in_channels, n_classes, hidden, image_size, channels_last)
+          channels_last: bool = False, track_running_stats: bool = False) -> nn.Module:
+    """The MAML paper's Conv-4; ``track_running_stats``: evaluate metric learners with running
+    BatchNorm statistics instead of each test episode's own (MAML always uses the batch's)."""
+    return Conv4(in_channels, n_classes, hidden, image_size, channels_last, track_running_stats)
 
 
 @register("model", "vit")

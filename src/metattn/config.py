@@ -109,8 +109,13 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
     """Validate a plain dict (parsed YAML) and build a :class:`RunConfig`."""
     data = copy.deepcopy(data or {})
     _check_fields("", RunConfig, data)
-    train = TrainConfig(**_check_fields("train", TrainConfig, data.pop("train", {}) or {}))
-    ev = EvalConfig(**_check_fields("eval", EvalConfig, data.pop("eval", {}) or {}))
+    # An empty section (``train:`` alone, YAML null) means the defaults; anything else that is
+    # not a mapping (``--set train=0``) is an error, not a silent reset of the section.
+    sections = {k: {} if data.get(k) is None else data[k] for k in ("train", "eval")}
+    data.pop("train", None)
+    data.pop("eval", None)
+    train = TrainConfig(**_check_fields("train", TrainConfig, sections["train"]))
+    ev = EvalConfig(**_check_fields("eval", EvalConfig, sections["eval"]))
     cfg = RunConfig(**data, train=train, eval=ev)
     for group in ("task", "model", "learner"):
         spec = getattr(cfg, group)

@@ -36,9 +36,18 @@ class MLP(nn.Module):
 class Conv4(nn.Module):
     """The MAML paper's Omniglot network: 4 x [3x3 conv, BatchNorm, ReLU, 2x2 max-pool], linear.
 
-    BatchNorm always uses the statistics of the batch it sees (``track_running_stats=False``),
-    as in the paper's reference code, so train and test behave alike and per-task batches are
-    normalised on their own.
+    BatchNorm uses the statistics of the batch it sees (``track_running_stats=False``, the
+    default), as in the paper's reference code, so train and test behave alike and per-task
+    batches are normalised on their own. ``track_running_stats=True`` is the usual PyTorch
+    BatchNorm instead: batch statistics in training mode, running averages in eval mode (what
+    the Prototypical Networks code evaluates with; a 5-way test episode's own statistics differ
+    from those of the many-way training episodes). MAML ignores it and always normalises with
+    batch statistics.
+
+    Each block applies the max-pool BEFORE the ReLU: the two commute exactly (ReLU is
+    monotone, so max(relu(a), relu(b)) = relu(max(a, b)), and the gradients agree too), and
+    the ReLU then runs on a quarter of the values. Parameter names are those of the textbook
+    order, so checkpoints are interchangeable.
 
     ``channels_last=True`` keeps weights and activations in NHWC order (same numbers): oneDNN's
     CPU convolutions are faster so (measured, 180 images, one core: 1.3-1.5x for forward +
@@ -46,7 +55,8 @@ class Conv4(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, n_classes: int = 5, hidden: int = 64,
-                 image_size: int = 28, channels_last: bool = False):
+                 image_size: int = 28, channels_last: bool = False,
+                 track_running_stats: bool = False):
         super().__init__()
         self.channels_last = bool(channels_last)
         blocks: list[nn.Module] = []
@@ -55,9 +65,9 @@ class Conv4(nn.Module):
         for _ in range(4):
             blocks += [
                 nn.Conv2d(c, hidden, 3, padding=1),
-                nn.BatchNorm2d(hidden, track_running_stats=False),
+                nn.BatchNorm2d(hidden, track_running_stats=track_running_stats),
+                nn.MaxPool2d(2),  # before the ReLU: same values, 4x fewer ReLUs (see above)
                 nn.ReLU(),
-                nn.MaxPool2d(2),
             ]
             c = hidden
             size //= 2
