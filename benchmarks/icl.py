@@ -88,10 +88,16 @@ def seconds_per_step(cfg: RunConfig, n: int = 12) -> float:
 
 
 def with_steps(cfg: RunConfig, steps: int) -> RunConfig:
-    """``cfg`` with ``train.steps = steps`` (logging/eval/checkpoint periods scaled down)."""
+    """``cfg`` with ``train.steps = steps`` (logging/eval/checkpoint periods scaled down, and a
+    curriculum's period scaled by the same factor, so that a shorter run still reaches the
+    final dimension and prompt length at the same fraction of training)."""
     cfg = copy.deepcopy(cfg)
     t = cfg.train
+    old_steps = max(t.steps, 1)
     t.steps = max(int(steps), 1)
+    cur = cfg.task.get("curriculum")
+    if isinstance(cur, dict) and "every" in cur:
+        cur["every"] = max(1, round(cur["every"] * t.steps / old_steps))
     t.warmup_steps = min(t.warmup_steps, t.steps // 5)
     t.log_every = max(1, min(t.log_every, t.steps // 20 or 1))
     t.eval_every = min(t.eval_every, max(t.steps // 4, 1)) if t.eval_every else 0

@@ -147,3 +147,50 @@ def test_record_attention_under_vmap_maml_gives_usable_maps():
     assert rec
     for _, w in rec:
         torch.testing.assert_close(w.sum(-1), torch.ones_like(w.sum(-1)))
+
+
+def test_maps_recorded_during_adapt_can_be_saved(tmp_path):
+    """Maps recorded in MAML.adapt's support passes (inside torch.func) are plain tensors."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from models import make
+
+    m, batch = make("vit", T=1)
+    learner = mt.MAML(m, inner_lr=0.3, inner_steps=1, vectorize=False)
+    with A.record_attention() as rec:
+        adapted = learner.adapt(batch.support_x[0], batch.support_y[0], steps=1)
+        adapted(batch.query_x[0])
+    assert len(rec) >= 2
+    torch.save([w for _, w in rec], tmp_path / "maps.pt")
+    for w in torch.load(tmp_path / "maps.pt"):
+        torch.testing.assert_close(w.sum(-1), torch.ones_like(w.sum(-1)))
+
+
+def test_hooks_on_projections_fire():
+    """Projections with hooks (module backward hooks, global hooks) run as modules."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    mha = mt.MultiHeadAttention(8, 2)
+    calls = []
+    mha.q_proj.register_full_backward_hook(lambda m, gi, go: calls.append("q"))
+    mha(torch.randn(2, 3, 8, requires_grad=True)).sum().backward()
+    assert calls == ["q"]
+    seen = []
+    h = nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(m))
+    try:
+        mt.MultiHeadAttention(8, 2)(torch.randn(2, 3, 8))
+    finally:
+        h.remove()
+    assert sum(isinstance(m, nn.Linear) for m in seen) == 4
+
+
+def test_integer_masks_are_rejected_on_the_math_path():
+    q = torch.randn(1, 2, 4, 8)
+    keep = torch.ones(4, 4, dtype=torch.uint8).tril()
+    with pytest.raises(TypeError, match="bool mask"):
+        A.scaled_dot_product_attention(q, q, q, mask=keep, need_weights=True)
+    out, w = A.scaled_dot_product_attention(q, q, q, mask=keep.bool(), need_weights=True)
+    assert torch.all(w[..., 0, 1:] == 0)

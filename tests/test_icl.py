@@ -9,6 +9,7 @@ import torch
 
 from metattn.data.functions import DecisionTreeTasks, LinearTasks, ReLUNetTasks
 from metattn.data.synthetic import SinusoidTasks
+from metattn.data.tasks import TaskBatch
 from metattn.errors import ConfigError, TaskError
 from metattn.meta.baselines import (
     BASELINES,
@@ -386,6 +387,11 @@ def test_maml_predict_fn_matches_per_task_adaptation():
     LinearTasks(d=12, k_shot=4, sparsity=3),
     ReLUNetTasks(d=12, k_shot=4),
     DecisionTreeTasks(d=12, k_shot=4),
+    # fewer active coordinates (a curriculum stage) and sparsity above them
+    LinearTasks(d=12, k_shot=4, d_active=5),
+    LinearTasks(d=12, k_shot=4, sparsity=30),
+    LinearTasks(d=12, k_shot=4, sparsity=3, d_active=2),
+    ReLUNetTasks(d=12, k_shot=4, d_active=4),
 ])
 def test_zero_predictor_scores_about_one_on_every_family(sampler):
     """Garg et al.'s normalisation: squared error / d (dense), / s (sparse), / 1 (trees)."""
@@ -472,3 +478,47 @@ def test_demo_trains_both_learners_and_prints_one_table(tmp_path, capsys):
         assert f"K={k}" in out
     for name in ("maml_vs_icl.png", "maml/summary.json", "icl/summary.json"):
         assert (tmp_path / name).is_file(), name
+
+
+def test_shape_errors_give_the_right_fix():
+    model = ICLTransformer(d_x=5, d_model=16, n_layers=1, n_heads=2, max_points=8)
+    learner = InContextLearner(model)
+    g = gen(0)
+    bad_rank = TaskBatch(torch.randn(2, 7, 5, generator=g), torch.randn(2, 7, generator=g),
+                         torch.randn(2, 1, 5, generator=g), torch.randn(2, 1, generator=g))
+    with pytest.raises(TaskError, match="unsqueeze"):
+        learner.meta_loss(bad_rank)
+    bad_width = TaskBatch(torch.randn(2, 7, 3, generator=g), torch.randn(2, 7, 1, generator=g),
+                          torch.randn(2, 1, 3, generator=g), torch.randn(2, 1, 1, generator=g))
+    with pytest.raises(TaskError, match="d_x=3"):
+        learner.meta_loss(bad_width)
+
+
+def test_benchmark_scales_the_curriculum_with_the_steps():
+    import importlib.util
+    from pathlib import Path
+
+    from metattn.config import load
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_icl", root / "benchmarks" / "icl.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = load(root / "configs" / "icl_linear_d20.yaml")
+    short = bench.with_steps(cfg, cfg.train.steps // 100)
+    every = cfg.task["curriculum"]["every"]
+    assert short.task["curriculum"]["every"] == max(1, round(every / 100))
+    assert cfg.task["curriculum"]["every"] == every  # the original is untouched
+
+
+def test_sinusoid_table_evaluates_without_dropout():
+    from metattn.reports import sinusoid_mse_vs_shots
+
+    torch.manual_seed(0)
+    learner = InContextLearner(ICLTransformer(d_x=1, d_model=16, n_layers=1, n_heads=2,
+                                              max_points=12, dropout=0.3))
+    assert learner.training
+    a = sinusoid_mse_vs_shots(learner, shots=(5,), steps=(1,), episodes=8, k_query=5)
+    b = sinusoid_mse_vs_shots(learner, shots=(5,), steps=(1,), episodes=8, k_query=5)
+    assert a == b
+    assert learner.training  # put back

@@ -384,3 +384,32 @@ def test_diverged_tasks_leave_every_metric():
     assert res["accuracy"] == pytest.approx(1.0)
     assert res["accuracy_diverged"] == 1 and res["loss_diverged"] == 1
     assert res["loss"] == pytest.approx(0.2)
+
+
+def test_accuracy_is_not_rounded_to_low_precision() -> None:
+    from metattn.meta.base import accuracy
+
+    y = torch.arange(300) % 60
+    logits = F.one_hot(y, 60).to(torch.bfloat16)
+    logits[0] = F.one_hot(torch.tensor(1), 60)  # one wrong of 300
+    acc = accuracy(logits.unsqueeze(0), y.unsqueeze(0))
+    assert acc.dtype == torch.float32
+    assert abs(float(acc) - 299 / 300) < 1e-6
+    assert accuracy(logits.double(), y).dtype == torch.float64
+
+
+def test_metric_head_runs_in_float32_under_autocast() -> None:
+    torch.manual_seed(0)
+    learner = ProtoNet(nn.Linear(8, 16))
+    batch = TaskBatch(torch.randn(1, 5, 8), torch.arange(5).view(1, 5), torch.randn(1, 10, 8),
+                      torch.arange(5).repeat(2).view(1, 10), n_way=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        zs, zq = learner.embed(batch.support_x, batch.query_x)
+        logits = learner.logits(zs, batch.support_y, zq, 5)
+    assert zs.dtype == zq.dtype == logits.dtype == torch.float32
+
+
+def test_conv4_rejects_images_too_small_for_four_pools() -> None:
+    with pytest.raises(ValueError, match="image_size=10"):
+        Conv4(1, 5, hidden=8, image_size=10)
+    assert Conv4(1, 5, hidden=8, image_size=16)(torch.rand(2, 1, 16, 16)).shape == (2, 5)

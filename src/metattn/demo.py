@@ -33,7 +33,7 @@ def _trained(cfg: Any, run_dir: Path) -> Any:
     _, _, learner = build(cfg, pick_device(cfg.train.device))
     tensors, state = checkpoint.load(run_dir)
     checkpoint.restore(tensors, state, learner)
-    return learner
+    return learner.eval()  # tables and plots without dropout, as the recipe evaluates
 
 
 def plot_maml_vs_icl(maml: Any, icl: Any, path: Path, k_shot: int = 10, n_tasks: int = 4,

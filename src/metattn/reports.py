@@ -32,10 +32,23 @@ def sinusoid_mse_vs_shots(
 
     ``learner`` is a MAML-family learner (``evaluate(batch, steps=...)`` gives per-step losses)
     or any learner whose ``evaluate`` adapts by a forward pass (then every step count shows
-    the same number).
+    the same number). The learner runs in eval mode (no dropout), as in the recipe's
+    evaluation, and is put back in its mode afterwards.
     """
     p = next(learner.parameters())
     out: dict[int, dict[int, tuple[float, float, int]]] = {}
+    was_training = learner.training
+    learner.eval()
+    try:
+        _mse_vs_shots(learner, shots, steps, episodes, seed, k_query, p, out)
+    finally:
+        learner.train(was_training)
+    return out
+
+
+def _mse_vs_shots(learner: Any, shots: Sequence[int], steps: Sequence[int], episodes: int,
+                  seed: int, k_query: int, p: torch.Tensor,
+                  out: dict[int, dict[int, tuple[float, float, int]]]) -> None:
     for k in shots:
         eps = fixed_episodes(SinusoidTasks(k_shot=k, k_query=k_query), episodes, seed + k)
         per_step: dict[int, list[torch.Tensor]] = {s: [] for s in steps}
@@ -50,7 +63,6 @@ def sinusoid_mse_vs_shots(
                 for s in steps:
                     per_step[s].append(loss)
         out[k] = {s: finite_mean_ci95(torch.cat(v)) for s, v in per_step.items()}
-    return out
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],

@@ -540,6 +540,7 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
         training_curves(run_dir / "metrics.jsonl", run_dir / "training.png")
         plot = getattr(test_tasks, "plot", None)
         if plot is not None:
+            learner.eval()  # the plot shows the model as evaluated (no dropout)
             plot(learner, run_dir / "adaptation.png", seed=cfg.eval.seed)
     return summary
 

@@ -72,8 +72,13 @@ class _FunctionFamily:
     def error_scale(self) -> float:
         """The divisor of the squared error in error-vs-k curves, so that the zero predictor
         scores about 1 (Garg et al.'s normalisation: d for dense linear functions and ReLU
-        nets, the sparsity for sparse linear functions, 1 for decision trees)."""
-        return float(self.d)
+        nets, the sparsity for sparse linear functions, 1 for decision trees), for draws
+        over the instance's active dimensions."""
+        return self.scale_for(self._active(None))
+
+    def scale_for(self, d_active: int) -> float:
+        """:attr:`error_scale` for draws over ``d_active`` coordinates (E y^2 = d_active)."""
+        return float(d_active)
 
     def _params(self, num_tasks: int, da: int, g: torch.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -105,7 +110,7 @@ class _FunctionFamily:
             y = y + self.noise_std * torch.randn(y.shape, generator=g)
         info = dict(params)
         info["d_active"] = torch.full((num_tasks,), da, dtype=torch.long)
-        info["error_scale"] = torch.full((num_tasks,), float(self.error_scale))
+        info["error_scale"] = torch.full((num_tasks,), self.scale_for(da))
         return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:], info=info)
 
     def function(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -139,10 +144,11 @@ class LinearTasks(_FunctionFamily):
     sparsity: int | None = None
     d_active: int | None = None
 
-    @property
-    def error_scale(self) -> float:
-        """The sparsity s for sparse w (E y^2 = s), else d (Garg et al.)."""
-        return float(self.sparsity) if self.sparsity is not None else float(self.d)
+    def scale_for(self, d_active: int) -> float:
+        """The number of non-zero weights: the sparsity s for sparse w (at most the active
+        coordinates), else d_active (E y^2 = that number; Garg et al.)."""
+        s = d_active if self.sparsity is None else min(self.sparsity, d_active)
+        return float(s)
 
     def __post_init__(self) -> None:
         self._check()
@@ -213,8 +219,7 @@ class DecisionTreeTasks(_FunctionFamily):
     noise_std: float = 0.0
     d_active: int | None = None
 
-    @property
-    def error_scale(self) -> float:
+    def scale_for(self, d_active: int) -> float:
         """1: leaf values are N(0, 1) whatever d is (Garg et al.)."""
         return 1.0
 

@@ -20,8 +20,9 @@ def default_loss(batch_or_n_way: TaskBatch | int | None) -> LossFn:
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Fraction of correct argmax predictions over the last-but-one dimension (per task)."""
-    return (logits.argmax(-1) == y).to(logits.dtype).mean(-1)
+    """Fraction of correct argmax predictions over the last-but-one dimension (per task), in
+    at least float32 (a bf16 mean under autocast would round 299/300 to 0.9961)."""
+    return (logits.argmax(-1) == y).to(torch.promote_types(logits.dtype, torch.float32)).mean(-1)
 
 
 class Learner(nn.Module):

@@ -197,7 +197,14 @@ class InContextLearner(Learner):
         m = self.model
         for name, t, want in (("support_x", batch.support_x, m.d_x),
                               ("support_y", batch.support_y, m.d_y)):
-            if t.dim() != 3 or t.shape[-1] != want:
+            if t.dim() != 3:
+                hint = ("for scalar targets use y.unsqueeze(-1)" if name == "support_y"
+                        else "give one flat input vector per point")
+                raise TaskError(
+                    f"InContextLearner: TaskBatch.{name} has shape {tuple(t.shape)}; expected "
+                    f"a 3-D tensor [T, n, {want}]: {hint}"
+                )
+            if t.shape[-1] != want:
                 raise TaskError(
                     f"InContextLearner: TaskBatch.{name} has shape {tuple(t.shape)} but the "
                     f"model expects [T, n, {want}]; build the model with "
@@ -274,12 +281,18 @@ class InContextLearner(Learner):
     def query_attention(
         self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor
     ) -> QueryAttention:
-        """Attention weights of each query over its context examples (batched, ``[T, ...]``)."""
+        """Attention weights of each query over its context examples (batched, ``[T, ...]``),
+        read in eval mode (no dropout anywhere in the pass)."""
         k = support_x.shape[1]
         mine = {id(mod) for mod in self.model.encoder.modules()
                 if isinstance(mod, MultiHeadAttention)}
-        with torch.no_grad(), record_attention() as rec:
-            self.model.predict(support_x, support_y, query_x)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), record_attention() as rec:
+                self.model.predict(support_x, support_y, query_x)
+        finally:
+            self.model.train(was_training)
         w = torch.stack([a for mod, a in rec if id(mod) in mine], dim=1)  # [T, layers, H, L, L]
         rows = w[..., 2 * k :, :]  # the query rows [T, layers, H, Q, L]
         own = rows[..., 2 * k :].diagonal(dim1=-2, dim2=-1).unsqueeze(-1)

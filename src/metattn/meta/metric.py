@@ -104,6 +104,10 @@ class MetricLearner(Learner):
             z = torch.stack([self.encode(xt) for xt in x])
         else:
             z = self.encode(x.flatten(0, 1)).view(T, S + Q, -1)
+        if z.dtype in (torch.float16, torch.bfloat16):
+            # under autocast: distances and cosines of bf16 embeddings lose ~3 digits; the
+            # metric head is cheap, so it runs in float32
+            z = z.float()
         return z[:, :S], z[:, S:]
 
     def logits(self, zs: torch.Tensor, sy: torch.Tensor, zq: torch.Tensor, n_way: int

@@ -114,8 +114,13 @@ def scaled_dot_product_attention(
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
-        else:
+        elif mask.is_floating_point():
             scores = scores + mask
+        else:  # an integer "keep" mask added as a bias would mask nothing (the fused kernel
+            # rejects it too)
+            raise TypeError(
+                f"attention mask has dtype {mask.dtype}; pass a bool mask (True = may attend) "
+                "or a float mask added to the scores (-inf = masked), e.g. mask.bool()")
     if mask is not None or (is_causal and q.shape[-2] > k.shape[-2]):
         # a query that may attend to nothing gets zero output (as the fused kernel gives),
         # not the NaN of a softmax over -inf only; no NaN in the gradients either
@@ -127,11 +132,24 @@ def scaled_dot_product_attention(
     return torch.matmul(attn, v), weights
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without torch.func wrappers: a map recorded inside ``grad``/``vmap`` (MAML's
+    inner loop) outlives the transform and must still be a tensor one can save or plot."""
+    from torch._C import _functorch
+
+    while _functorch.is_functorch_wrapped_tensor(t):
+        t = _functorch.get_unwrapped(t)
+    return t
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with separate q/k/v projections (so ANIL can name them).
 
     ``forward(x)`` is self-attention; ``forward(x, context)`` attends from ``x`` to
     ``context``. Inputs are ``[..., L, d_model]`` (any number of leading batch dimensions).
+    ``mask`` (bool, True = may attend; or float, added to the scores) broadcasts against the
+    scores ``[..., heads, L_q, L_k]``: a per-sample key-padding mask ``pad [B, L_k]`` is
+    ``pad[:, None, None, :]`` (``[B, 1, L_k]`` would line B up with the heads).
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True):
@@ -158,8 +176,14 @@ class MultiHeadAttention(nn.Module):
         parameters stay ``q_proj``/``k_proj``/``v_proj``; measured 7-9% faster second-order
         MAML on CPU for the d_model=128 Transformer). Projections replaced by other modules or
         carrying hooks run as modules. Returns them split into heads."""
-        plain = all(type(p) is nn.Linear and not (p._forward_hooks or p._forward_pre_hooks)
-                    for p in projs)
+        from torch.nn.modules import module as _m
+
+        global_hooks = (_m._global_forward_hooks or _m._global_forward_pre_hooks
+                        or _m._global_backward_hooks or _m._global_backward_pre_hooks)
+        plain = not global_hooks and all(
+            type(p) is nn.Linear and not (p._forward_hooks or p._forward_pre_hooks
+                                          or p._backward_hooks or p._backward_pre_hooks)
+            for p in projs)
         if len(projs) == 1 or not plain:  # a wrapped or hooked projection runs as a module
             return [self._heads(p(x)) for p in projs]
         w = torch.cat([p.weight for p in projs])
@@ -192,7 +216,7 @@ class MultiHeadAttention(nn.Module):
             need_weights=want,
         )
         if recorder is not None and weights is not None:
-            recorder.append((self, weights.detach()))
+            recorder.append((self, _plain(weights.detach())))
         out = self.out_proj(out.transpose(-3, -2).flatten(-2))
         if need_weights:
             return out, weights

@@ -58,6 +58,10 @@ class Conv4(nn.Module):
                  image_size: int = 28, channels_last: bool = False,
                  track_running_stats: bool = False):
         super().__init__()
+        if image_size < 16:
+            raise ValueError(
+                f"Conv4: image_size={image_size}; four 2x2 max-pools need images of at least "
+                "16x16 (resize the inputs, or use a backbone with fewer blocks)")
         self.channels_last = bool(channels_last)
         blocks: list[nn.Module] = []
         c = in_channels
@@ -72,7 +76,7 @@ class Conv4(nn.Module):
             c = hidden
             size //= 2
         self.body = nn.Sequential(*blocks)
-        self.feature_dim = hidden * max(size, 1) ** 2
+        self.feature_dim = hidden * size**2
         self.head = nn.Linear(self.feature_dim, n_classes)
         if self.channels_last:
             self.body.to(memory_format=torch.channels_last)
