@@ -377,13 +377,19 @@ def test_diverged_tasks_leave_every_metric():
 
         def evaluate(self, batch, loss_fn=None):
             return {"loss": torch.tensor([0.1, float("nan"), 0.3, 0.2]),
-                    "accuracy": torch.tensor([1.0, 0.2, 1.0, 1.0])}
+                    "accuracy": torch.tensor([1.0, 0.2, 1.0, 1.0]),
+                    # per-step curve: task 1 is still finite before it diverges
+                    "loss_per_step": torch.tensor([[1.0, 0.1], [9.0, float("nan")],
+                                                   [1.0, 0.3], [1.0, 0.2]])}
 
     res = evaluate(Fixed(), [blob_tasks(4, torch.Generator().manual_seed(0))],
                    torch.device("cpu"), torch.float32)
     assert res["accuracy"] == pytest.approx(1.0)
     assert res["accuracy_diverged"] == 1 and res["loss_diverged"] == 1
     assert res["loss"] == pytest.approx(0.2)
+    # the curve is over the same tasks as the loss, at every step
+    assert res["loss_per_step"] == pytest.approx([1.0, 0.2])
+    assert res["loss_per_step_diverged"] == [1, 1]
 
 
 def test_accuracy_is_not_rounded_to_low_precision() -> None:

@@ -72,26 +72,29 @@ def test_cli_train_then_eval(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
-def test_resume_after_a_crash_gives_the_same_losses(tmp_path):
-    cfg = load(write_cfg(tmp_path))
+@pytest.mark.parametrize("log_every", [1, 3])
+def test_resume_after_a_crash_gives_the_same_losses(tmp_path, log_every):
+    """Also when the checkpoint (step 20) is not on a log boundary (every 3 steps): the
+    steps of the interrupted window are saved with the checkpoint."""
+    cfg = load(write_cfg(tmp_path, train__log_every=log_every))
     full = tmp_path / "full"
     train(cfg, full)
 
     class Crash(Exception):
         pass
 
-    def crash_at_25(step, metrics):
-        if step == 25:
+    def crash_at_24(step, metrics):  # callbacks run at log steps
+        if step == 24:
             raise Crash
 
     part = tmp_path / "part"
     with pytest.raises(Crash):
-        train(cfg, part, callbacks=[crash_at_25])
+        train(cfg, part, callbacks=[crash_at_24])
     tensors, state = checkpoint.load(part)
     assert state["step"] == 20  # last checkpoint before the crash
     train(cfg, part, resume=True)
     assert losses(part) == losses(full)
-    assert len(losses(full)) == 40
+    assert len(losses(full)) == -(-40 // log_every)
     a = checkpoint.load(full)[0]
     b = checkpoint.load(part)[0]
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("model/"))
@@ -109,6 +112,53 @@ def test_resume_refuses_a_changed_config(tmp_path):
     with pytest.raises(ConfigError, match="eval.chunk"):
         train(load(write_cfg(tmp_path, train__steps=50, eval__chunk=7)), tmp_path / "r",
               resume=True)
+
+
+def test_resume_checks_the_checkpoints_own_config(tmp_path, monkeypatch):
+    """Without config.yaml the checkpoint's config decides; a failed resume keeps the run's
+    config.yaml; a half-written last log line does not stop a resume."""
+    cfg = load(write_cfg(tmp_path, train__steps=10))
+    run = tmp_path / "r"
+    train(cfg, run)
+    (run / "config.yaml").unlink()
+    with pytest.raises(ConfigError, match="train.lr"):
+        train(load(write_cfg(tmp_path, train__steps=10, train__lr=0.5)), run, resume=True)
+    train(load(write_cfg(tmp_path, train__steps=12)), run, resume=True)
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 12
+    # a model the checkpoint does not fit: refused, and config.yaml is left as it was
+    bad = load(write_cfg(tmp_path, train__steps=14, model__hidden=[8, 8]))
+    state = checkpoint.load(run)[1]
+    state["config"] = bad.to_dict()  # as if the checkpoint had come from elsewhere
+    orig = checkpoint.load
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "load", lambda d: (orig(d)[0], state))
+        with pytest.raises(CheckpointError, match="does not fit"):
+            train(bad, run, resume=True)
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["hidden"] == [16, 16]
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "train", "step": 13, "lo')
+    train(load(write_cfg(tmp_path, train__steps=14)), run, resume=True)
+    assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"] == list(range(1, 15))
+
+
+def test_logged_lr_is_the_rate_each_step_used(tmp_path):
+    cfg = load(write_cfg(tmp_path, train__steps=6, train__warmup_steps=4,
+                         train__checkpoint_every=0, train__eval_every=0))
+    train(cfg, tmp_path / "r")
+    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in recs if r["kind"] == "train"]
+    assert lrs == pytest.approx([0.003 * f for f in (0.25, 0.5, 0.75, 1, 1, 1)])
+
+
+def test_run_files_follow_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    os.umask(old)
+    train(load(write_cfg(tmp_path, train__steps=2, train__eval_every=0)), tmp_path / "r")
+    for name in ("checkpoint.safetensors", "state.json", "config.yaml", "summary.json"):
+        assert (tmp_path / "r" / name).stat().st_mode & 0o777 == 0o666 & ~old, name
 
 
 def test_resume_refuses_a_longer_cosine_schedule(tmp_path):
@@ -195,6 +245,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
     ({"train": {"threads": -1}}, "train.threads=-1"),
     ({"train": {"device": "gpu"}}, "train.device='gpu' is not a device"),
     ({"train": {"autocast": "fp16"}}, "fp16.*use 'bf16'"),
+    ({"train": {"grad_clip": -1.0}}, "train.grad_clip=-1.0"),
     ({"train": {"autocast": "bf16", "dtype": "float64"}}, "does nothing to float64"),
     ({"model": {"kind": "mlp", "hidden": [40.5]}}, "model.hidden: got \\[40.5\\].*list\\[int\\]"),
 ])

@@ -9,6 +9,7 @@ readable copy of the same state, also written atomically.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -25,6 +26,15 @@ WEIGHTS = "checkpoint.safetensors"
 STATE = "state.json"
 
 
+@functools.cache
+def _umask_mode() -> int:
+    """The mode a plainly created file gets (0o666 less the umask); mkstemp's is 0o600.
+    Read once: setting the umask to read it is process-wide."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,6 +44,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -89,6 +100,7 @@ def save(
         save_file(tensors, tmp, metadata={"metattn_state": blob})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, run_dir / WEIGHTS)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -151,6 +151,9 @@ def _check_numbers(cfg: RunConfig) -> None:
                               ("eval.chunk", e.chunk, 1)):
         if value < least:
             raise ConfigError(f"{key}={value}; it must be >= {least}")
+    if t.grad_clip is not None and not t.grad_clip > 0:
+        raise ConfigError(f"train.grad_clip={t.grad_clip}; give a norm > 0, or null for no "
+                          "clipping (a negative norm would flip the gradients)")
     if t.eval_every > 0 and t.eval_episodes < 1:
         raise ConfigError(f"train.eval_episodes={t.eval_episodes}; it must be >= 1 when "
                           "train.eval_every > 0 (or set train.eval_every=0)")

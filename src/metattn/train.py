@@ -125,8 +125,11 @@ def evaluate(learner: Learner, episodes: list[TaskBatch], device: torch.device,
                        else None)
                 for k, v in out.items():
                     v = v.detach().float().cpu()
-                    if bad is not None and v.dim() == 1 and bool(bad.any()):
-                        v = v.masked_fill(bad.cpu(), float("nan"))
+                    if bad is not None and v.dim() in (1, 2) and bool(bad.any()):
+                        # per-task values and per-task curves alike: a diverged task leaves
+                        # every metric, so each curve is over the same tasks as the loss
+                        m = bad.cpu() if v.dim() == 1 else bad.cpu().unsqueeze(-1)
+                        v = v.masked_fill(m, float("nan"))
                     per_task.setdefault(k, []).append(v)
     finally:
         learner.train(was_training)
@@ -190,6 +193,15 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _record(line: str) -> dict | None:
+    """One metrics.jsonl record, or None for a blank or half-written line (a hard kill)."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 class _Logger:
     """metrics.jsonl (+ TensorBoard when installed), written by rank 0 only."""
 
@@ -203,7 +215,7 @@ class _Logger:
             # Drop what was logged after the checkpoint we resume from: the log then reads as
             # one uninterrupted run.
             keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["step"] <= resume_step]
+                    if (rec := _record(ln)) is not None and rec.get("step", 0) <= resume_step]
             checkpoint.atomic_write_bytes(self.path, "".join(k + "\n" for k in keep).encode())
         elif resume_step is None:
             self.path.unlink(missing_ok=True)
@@ -341,10 +353,16 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
             if resume and not ckpt_path.exists():
                 raise CheckpointError(f"--resume: no checkpoint in {str(run_dir)!r}; "
                                       "start without --resume")
-            if resume and (run_dir / "config.yaml").is_file():
-                import yaml
+            saved = None
+            if resume:
+                # the checkpoint's own config decides (config.yaml may be missing or edited)
+                saved_ckpt = checkpoint.load(run_dir)
+                saved = saved_ckpt[1].get("config")
+                if saved is None and (run_dir / "config.yaml").is_file():
+                    import yaml
 
-                saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+                    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+            if saved is not None:
                 diff = _config_diff(saved, cfg.to_dict())
                 if diff:
                     raise ConfigError(
@@ -357,10 +375,9 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                         "cosine schedule spans train.steps, so the learning rate would jump "
                         f"back up; resume with train.steps={old_steps}, or start a new run "
                         "(--out NEW_DIR) with the longer schedule")
-            if resume:
-                saved_ckpt = checkpoint.load(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            checkpoint.atomic_write_bytes(run_dir / "config.yaml", dump(cfg).encode())
+            if not resume:  # a resume writes it once the checkpoint has been restored
+                checkpoint.atomic_write_bytes(run_dir / "config.yaml", dump(cfg).encode())
         except MetattnError as err:
             error = err
     _agree(error, world)
@@ -382,6 +399,8 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
         if device.type == "cuda" and "extra/cuda_rng" in tensors:
             torch.cuda.set_rng_state(tensors["extra/cuda_rng"], device)
         start, elapsed, best = state["step"], state["seconds"], state.get("best")
+        if is_main:
+            checkpoint.atomic_write_bytes(run_dir / "config.yaml", dump(cfg).encode())
 
     model = learner
     if world > 1:
@@ -416,7 +435,14 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
         checkpoint.save(run_dir, learner, opt,
                         {"step": step, "seconds": elapsed, "best": best,
                          "scheduler": sched.state_dict(), "config": cfg.to_dict(),
-                         "torch": torch.__version__},
+                         "torch": torch.__version__,
+                         # the steps since the last log line, so that a resumed run logs
+                         # the same averages as an uninterrupted one
+                         "log_window": {k: [str(v[0].dtype).removeprefix("torch."),
+                                            [t.tolist() for t in v]]
+                                        for k, v in window.items() if v},
+                         "log_tasks": tasks_window,
+                         "log_seconds": time.perf_counter() - t_window},
                         {"task_generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
                          **({"cuda_rng": torch.cuda.get_rng_state(device)}
                             if device.type == "cuda" else {})})
@@ -448,6 +474,11 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                        f"{cfg.train.steps}, out {run_dir}")
     window: dict[str, list[torch.Tensor]] = {}
     t_window, tasks_window = time.perf_counter(), 0
+    if resume:
+        window = {k: [torch.tensor(x, dtype=getattr(torch, dt)) for x in v]
+                  for k, (dt, v) in (state.get("log_window") or {}).items()}
+        tasks_window = state.get("log_tasks", 0)
+        t_window -= state.get("log_seconds", 0.0)
     step = start
     try:
         while step < cfg.train.steps and not stopping():
@@ -477,6 +508,7 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
             if cfg.train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(learner.parameters(), cfg.train.grad_clip)
             opt.step()
+            lr_used = opt.param_groups[0]["lr"]
             sched.step()
             step += 1
             elapsed += time.perf_counter() - t0
@@ -488,7 +520,7 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                 now = time.perf_counter()
                 vals = {k: float(torch.stack(v).float().mean()) for k, v in window.items()}
                 vals["tasks_per_s"] = tasks_window / max(now - t_window, 1e-9)
-                vals["lr"] = sched.get_last_lr()[0]
+                vals["lr"] = lr_used  # the rate of the step just taken (not the next one)
                 vals["seconds"] = elapsed
                 logger.log("train", step, vals)
                 info = "  ".join(f"{k} {vals[k]:.4g}" for k in ("loss", "accuracy") if k in vals)
