@@ -53,6 +53,7 @@ def load_run(run_dir: Path) -> tuple[RunConfig, Any, dict[str, Any]]:
     _, _, learner = build(cfg, pick_device(cfg.train.device))
     tensors, state = checkpoint.load(run_dir)
     checkpoint.restore(tensors, state, learner)
+    learner.eval()  # the tables and plots read the model as the recipe evaluates it
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {
         "steps": state["step"], "seconds": state["seconds"]}
@@ -194,7 +195,8 @@ def linear(args: argparse.Namespace) -> int:
     cols = ["learner", *[f"k={k}" for k in table_ks]]
     rows = [[name, *[fmt(*c.as_dict()[k]) for k in table_ks]] for name, c in curves.items()]
     title = (f"In-context linear regression, d={d}{_task_note(sampler)}: normalised squared "
-             f"error (/d) at k points, mean ± 95% CI over {args.prompts} fixed prompts")
+             f"error (/{'s' if getattr(sampler, 'sparsity', None) else 'd'}) at k points, "
+             f"mean ± 95% CI over {args.prompts} fixed prompts")
     print_table(title, cols, rows)
     note = (f"in-context: {cfg.name}, {summary['steps']} steps, {budget:.0f} s of training"
             + (f"; MAML: {maml_info['steps']} steps, {maml_info['seconds']:.0f} s"

@@ -35,6 +35,18 @@ LEARNERS = {
 SCRIPT = {5: (0.595, 0.309), 10: (0.340, 0.100), 20: (0.196, 0.042)}
 
 
+def _differing(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differing(va, vb, f"{prefix}{k}.")
+        elif va != vb and k != "progress":
+            out.append(f"{prefix}{k}")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "configs" / "sinusoid_maml.yaml"))
@@ -54,14 +66,20 @@ def main() -> None:
         run_dir = out / name.replace(" ", "_").replace("+", "plus")
         t0 = time.time()
         if (run_dir / "summary.json").is_file():
+            # a finished run is reused only for the same config (--steps, --set included)
+            done = load(run_dir / "config.yaml").to_dict()
+            changed = sorted(_differing(done, cfg.to_dict()))
+            if changed:
+                raise SystemExit(f"{run_dir} holds a finished run with another config "
+                                 f"({', '.join(changed)}); pass another --out, or delete it")
             summary = json.loads((run_dir / "summary.json").read_text())
         else:
             summary = train(cfg, run_dir, resume=(run_dir / checkpoint.WEIGHTS).is_file())
-        _, _, learner = build(cfg, pick_device(cfg.train.device))
+        _, test_tasks, learner = build(cfg, pick_device(cfg.train.device))
         tensors, state = checkpoint.load(run_dir)
         checkpoint.restore(tensors, state, learner)
         table = sinusoid_mse_vs_shots(learner, shots=(5, 10, 20), steps=(1, 10),
-                                      seed=cfg.eval.seed)
+                                      seed=cfg.eval.seed, tasks=test_tasks)
         record[name] = {"steps": summary["steps"], "train_seconds": summary["seconds"],
                         "mse": {k: {s: list(v) for s, v in d.items()} for k, d in table.items()}}
         for k, d in table.items():

@@ -522,3 +522,15 @@ def test_sinusoid_table_evaluates_without_dropout():
     b = sinusoid_mse_vs_shots(learner, shots=(5,), steps=(1,), episodes=8, k_query=5)
     assert a == b
     assert learner.training  # put back
+
+
+def test_sinusoid_table_uses_the_given_test_tasks():
+    from metattn.reports import sinusoid_mse_vs_shots
+
+    torch.manual_seed(0)
+    learner = InContextLearner(ICLTransformer(d_x=1, d_model=16, n_layers=1, n_heads=2,
+                                              max_points=12))
+    clean = sinusoid_mse_vs_shots(learner, shots=(5,), steps=(1,), episodes=50, k_query=20)
+    noisy = sinusoid_mse_vs_shots(learner, shots=(5,), steps=(1,), episodes=50, k_query=20,
+                                  tasks=SinusoidTasks(noise_std=2.0))
+    assert noisy[5][1][0] > clean[5][1][0] + 2.0  # + noise variance 4, within sampling error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,12 +28,15 @@ def sinusoid_mse_vs_shots(
     episodes: int = 600,
     seed: int = 20240,
     k_query: int = 100,
+    tasks: SinusoidTasks | None = None,
 ) -> dict[int, dict[int, tuple[float, float, int]]]:
     """Test MSE (mean, 95% CI, diverged tasks) on fixed seeded sinusoid tasks, per K and steps.
 
     ``learner`` is a MAML-family learner (``evaluate(batch, steps=...)`` gives per-step losses)
     or any learner whose ``evaluate`` adapts by a forward pass (then every step count shows
-    the same number). The learner runs in eval mode (no dropout), as in the recipe's
+    the same number). ``tasks`` is the run's test sampler (its amplitude, phase and noise
+    settings; only the shot and query counts are replaced), the paper's sinusoids by default.
+    The learner runs in eval mode (no dropout), as in the recipe's
     evaluation, and is put back in its mode afterwards.
     """
     p = next(learner.parameters())
@@ -40,17 +44,19 @@ def sinusoid_mse_vs_shots(
     was_training = learner.training
     learner.eval()
     try:
-        _mse_vs_shots(learner, shots, steps, episodes, seed, k_query, p, out)
+        _mse_vs_shots(learner, tasks or SinusoidTasks(), shots, steps, episodes, seed,
+                      k_query, p, out)
     finally:
         learner.train(was_training)
     return out
 
 
-def _mse_vs_shots(learner: Any, shots: Sequence[int], steps: Sequence[int], episodes: int,
-                  seed: int, k_query: int, p: torch.Tensor,
+def _mse_vs_shots(learner: Any, tasks: SinusoidTasks, shots: Sequence[int],
+                  steps: Sequence[int], episodes: int, seed: int, k_query: int, p: torch.Tensor,
                   out: dict[int, dict[int, tuple[float, float, int]]]) -> None:
     for k in shots:
-        eps = fixed_episodes(SinusoidTasks(k_shot=k, k_query=k_query), episodes, seed + k)
+        sampler = dataclasses.replace(tasks, k_shot=k, k_query=k_query)
+        eps = fixed_episodes(sampler, episodes, seed + k)
         per_step: dict[int, list[torch.Tensor]] = {s: [] for s in steps}
         for b in eps:
             b = b.to(p.device, p.dtype)
