@@ -493,3 +493,75 @@ def test_bad_step_counts_and_empty_adapt_are_config_errors():
         mt.MAML(m, inner_steps=-2)
     with pytest.raises(ConfigError, match="adapt=\\[\\] names no parameter"):
         mt.MAML(m, adapt=[])
+
+
+def _tiny(norm: bool = False, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(2, 8)]
+    if norm:
+        layers.append(nn.BatchNorm1d(8))
+    return nn.Sequential(*layers, nn.Tanh(), nn.Linear(8, 1)).double()
+
+
+def _tiny_batch(x_map=None) -> mt.TaskBatch:
+    g = torch.Generator().manual_seed(1)
+    sx, qx = (torch.randn(3, n, 2, generator=g, dtype=torch.float64) for n in (5, 6))
+    if x_map is not None:
+        sx, qx = x_map(sx), x_map(qx)
+    return mt.TaskBatch(sx, torch.randn(3, 5, 1, generator=g, dtype=torch.float64),
+                        qx, torch.randn(3, 6, 1, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("vectorize, checkpoint, per_task", [
+    (False, False, True), (True, False, False), (False, True, False), (True, True, False),
+    (False, True, True)])
+def test_inputs_with_a_graph_get_the_meta_gradient_on_every_path(vectorize, checkpoint,
+                                                                 per_task):
+    """Support/query features from a trainable encoder OUTSIDE the model (W here): every
+    path gives the reference path's gradient for W (checkpointing used to drop the inner
+    loop's part, per-task backward used to crash)."""
+    torch.manual_seed(7)
+    W = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+
+    def w_grad(**kw):
+        W.grad = None
+        learner = mt.MAML(_tiny(), inner_lr=0.3, inner_steps=2, **kw)
+        loss, _ = learner.meta_loss(_tiny_batch(lambda x: x @ W))
+        loss.backward()
+        return W.grad.clone()
+
+    ref = w_grad(vectorize=False, per_task_backward=False)
+    got = w_grad(vectorize=vectorize, checkpoint=checkpoint, per_task_backward=per_task)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_frozen_parameters_are_neither_trained_nor_adapted(vectorize):
+    model = _tiny()
+    model[0].weight.requires_grad_(False)
+    learner = mt.MAML(model, inner_lr=0.3, inner_steps=1, vectorize=vectorize)
+    b = _tiny_batch()
+    loss, _ = learner.meta_loss(b)
+    loss.backward()
+    assert model[0].weight.grad is None and model[2].weight.grad is not None
+    # the checkpointed path and evaluation agree with it: the frozen weight stays as it is
+    ck = mt.MAML(model, inner_lr=0.3, inner_steps=1, vectorize=vectorize, checkpoint=True)
+    torch.testing.assert_close(ck.meta_loss(b)[0], loss)
+    adapted = learner.adapt(b.support_x[0], b.support_y[0])
+    torch.testing.assert_close(adapted(b.query_x[0]),
+                               ck.adapt(b.support_x[0], b.support_y[0])(b.query_x[0]))
+
+
+@pytest.mark.parametrize("vectorize, checkpoint", [(False, False), (True, False),
+                                                   (False, True), (True, True)])
+def test_batchnorm_counter_is_not_touched_by_maml(vectorize, checkpoint):
+    model = _tiny(norm=True)
+    learner = mt.MAML(model, inner_lr=0.3, inner_steps=2, vectorize=vectorize,
+                      checkpoint=checkpoint)
+    b = _tiny_batch()
+    learner.meta_loss(b)[0].backward()
+    learner.evaluate(b)
+    learner.adapt(b.support_x[0], b.support_y[0])
+    bn = model[1]
+    assert int(bn.num_batches_tracked) == 0
+    assert torch.equal(bn.running_mean, torch.zeros(8, dtype=torch.float64))

@@ -220,8 +220,12 @@ class MAML(Learner):
         adapt = set(self.adapt_names)
         fast, slow = {}, {}
         for n, p in self.model.named_parameters():
-            (fast if n in adapt else slow)[n] = p
-        buffers = dict(self.model.named_buffers())
+            # a frozen parameter (requires_grad=False) is neither meta-trained nor adapted
+            (fast if n in adapt and p.requires_grad else slow)[n] = p
+        # BatchNorm's forward counts batches in place before any norm function runs; a copy
+        # keeps the module's counter out of MAML's inner loops (whose passes it never saw)
+        buffers = {n: b.clone() if n.endswith("num_batches_tracked") else b
+                   for n, b in self.model.named_buffers()}
         return fast, slow, buffers
 
     def _needs_rewrite(self, vectorized: bool) -> bool:
@@ -353,8 +357,12 @@ class MAML(Learner):
             return stack
 
         ckpt = self.checkpoint and not first_order and steps > 0 and torch.is_grad_enabled()
+        # Task-by-task backward frees each task's graph, so it needs inputs without a graph of
+        # their own (a trainable encoder outside ``model`` would be shared by all tasks).
+        inputs_have_graph = any(t.requires_grad for t in (batch.support_x, batch.support_y,
+                                                         batch.query_x, batch.query_y))
         taskwise = (weights is not None and self.per_task_backward and not use_vmap
-                    and torch.is_grad_enabled())
+                    and torch.is_grad_enabled() and not inputs_have_graph)
         loss = None
 
         def one_task(t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -734,6 +742,10 @@ class _RecomputedStep(torch.autograd.Function):
     def backward(ctx, *grads):
         sx, sy, *tensors = ctx.saved_tensors
         ins = [t.detach().requires_grad_(t.is_floating_point()) for t in tensors]
+        # support inputs with a graph of their own (e.g. features of a trainable encoder
+        # outside the model) get their share of the meta-gradient too
+        sx = sx.detach().requires_grad_(ctx.needs_input_grad[2])
+        sy = sy.detach().requires_grad_(ctx.needs_input_grad[3])
         devices = [ctx.device] if ctx.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), ctx.contexts():
             torch.set_rng_state(ctx.rng)
@@ -742,16 +754,17 @@ class _RecomputedStep(torch.autograd.Function):
             with torch.autocast(ctx.device.type, dtype=ctx.autocast[1],
                                 enabled=ctx.autocast[0]):
                 new, _ = ctx.step(True, sx, sy, *ins)
-            want = [i for i, t in enumerate(ins) if ctx.needs_input_grad[4 + i]]
+            every = [sx, sy, *ins]
+            want = [i for i in range(len(every)) if ctx.needs_input_grad[2 + i]]
             outs = [(n, g) for n, g in zip(new, grads[:-1], strict=True) if g is not None
                     and n.requires_grad]
-            got = torch.autograd.grad([n for n, _ in outs], [ins[i] for i in want],
+            got = torch.autograd.grad([n for n, _ in outs], [every[i] for i in want],
                                       [g for _, g in outs], allow_unused=True) if outs and want \
                 else [None] * len(want)
-        result: list[torch.Tensor | None] = [None] * len(ins)
+        result: list[torch.Tensor | None] = [None] * len(every)
         for i, g in zip(want, got, strict=True):
             result[i] = g
-        return (None, None, None, None, *result)
+        return (None, None, *result)
 
 
 class FOMAML(MAML):
