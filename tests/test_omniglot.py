@@ -112,6 +112,11 @@ def test_real_protocol_splits(real: om.Omniglot) -> None:
     assert (bg.num_classes, ev.num_classes) == (964, 659)
     assert set(bg.characters.splits) == {"background"}
     assert OmniglotTasks("test", protocol="background", data=real).num_classes == 4 * 659
+    # the split does not depend on the order of the data it is given
+    shuffled = real.subset(np.random.default_rng(0).permutation(len(real)))
+    te2 = OmniglotTasks("test", data=shuffled)
+    assert te2.characters.names == te.characters.names
+    assert np.array_equal(te2.characters.images, te.characters.images)
 
 
 @needs_data
