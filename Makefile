@@ -28,5 +28,5 @@ test: $(STAMP) lint
 bench-sinusoid: $(STAMP)
 	$(BIN)/python benchmarks/sinusoid.py
 
-clean:
-	rm -rf $(VENV) runs
+clean:  # the environment only: runs/ holds your results (delete it yourself)
+	rm -rf $(VENV)

@@ -246,6 +246,10 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
     ({"train": {"device": "gpu"}}, "train.device='gpu' is not a device"),
     ({"train": {"autocast": "fp16"}}, "fp16.*use 'bf16'"),
     ({"train": {"grad_clip": -1.0}}, "train.grad_clip=-1.0"),
+    ({"train": {"lr": -0.001}}, "train.lr=-0.001"),
+    ({"train": {"lr": float("nan")}}, "train.lr=nan"),
+    ({"train": {"weight_decay": -1.0}}, "train.weight_decay=-1.0"),
+    ({"task": {"kind": ["sinusoid"]}}, "task.kind: got \\['sinusoid'\\]"),
     ({"train": {"autocast": "bf16", "dtype": "float64"}}, "does nothing to float64"),
     ({"model": {"kind": "mlp", "hidden": [40.5]}}, "model.hidden: got \\[40.5\\].*list\\[int\\]"),
 ])
@@ -260,7 +264,7 @@ def test_config_errors_name_the_key(change, message):
         from_dict(data)
 
 
-def test_eval_cli_options_and_checkpoint_mismatch_detail(tmp_path, capsys):
+def test_eval_cli_options_and_checkpoint_mismatch_detail(tmp_path, capsys, monkeypatch):
     cfg = write_cfg(tmp_path)
     out = tmp_path / "run"
     assert main(["train", str(cfg), "--out", str(out), "--set", "train.steps=5",
@@ -274,11 +278,16 @@ def test_eval_cli_options_and_checkpoint_mismatch_detail(tmp_path, capsys):
     assert main(["train", str(cfg), "--out", str(out), "--resume", "--set", "train.steps=5",
                  "--set", "train.eval_every=0", "--set", "train.threads=1",
                  "--set", "train.device=cpu"]) == 0
-    # a model that does not fit: the error names the mismatching keys
-    with open(out / "config.yaml") as f:
-        saved = yaml.safe_load(f)
-    saved["model"]["hidden"] = [8, 8]
-    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    # a model that does not fit (a checkpoint whose stored config was changed): the error
+    # names the mismatching keys
+    orig = checkpoint.load
+
+    def changed(d):
+        tensors, state = orig(d)
+        state["config"]["model"]["hidden"] = [8, 8]
+        return tensors, state
+
+    monkeypatch.setattr(checkpoint, "load", changed)
     assert main(["eval", str(out)]) == 2
     err = capsys.readouterr().err
     assert "does not fit this model" in err and "size mismatch" in err
@@ -289,7 +298,7 @@ def test_demo_refuses_a_non_empty_out(tmp_path, capsys):
 
     (tmp_path / "old.txt").write_text("keep me")
     assert demo(["--out", str(tmp_path)]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert "not an empty folder" in capsys.readouterr().err
     assert (tmp_path / "old.txt").read_text() == "keep me"
 
 
@@ -344,3 +353,51 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_continues(tmp_path):
     assert step >= 5
     cont = load(cfg, [f"train.steps={step + 5}"])
     assert train(cont, out, resume=True)["steps"] == step + 5
+
+
+def test_user_mistakes_are_clear_errors_not_tracebacks(tmp_path, capsys):
+    """Exit code 2 and one line naming the fix, for mistakes that used to raise tracebacks."""
+    cfg = write_cfg(tmp_path, train__steps=2, train__eval_every=0)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    cases = [
+        (["train", str(cfg), "--set", "train.steps=[1", "--out", str(tmp_path / "a")],
+         "not valid YAML"),
+        (["train", str(listed), "--out", str(tmp_path / "b")], "not a mapping"),
+        (["train", str(tmp_path), "--out", str(tmp_path / "c")], "is a directory"),
+        (["train", str(cfg), "--out", str(a_file)], "is a file"),
+        (["train", str(cfg), "--set", "learner.chunk_size=0", "--out", str(tmp_path / "d")],
+         "chunk_size=0"),
+        (["train", str(cfg), "--set", "model.hidden=[0]", "--out", str(tmp_path / "e")],
+         "every size must be >= 1"),
+        (["train", str(cfg), "--set", "model.out_features=3", "--out", str(tmp_path / "f")],
+         "out_features"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+
+
+def test_eval_uses_the_checkpoints_own_config(tmp_path, capsys):
+    cfg = write_cfg(tmp_path, train__steps=3, train__eval_every=0)
+    out = tmp_path / "run"
+    assert main(["train", str(cfg), "--out", str(out)]) == 0
+    (out / "config.yaml").write_text((out / "config.yaml").read_text().replace(
+        "k_shot: 5", "k_shot: 2"))  # an edited config.yaml does not change what is evaluated
+    assert main(["eval", str(out), "--episodes", "10"]) == 0
+    a = json.loads((out / "eval.json").read_text())["mean"]
+    (out / "config.yaml").unlink()  # nor does a missing one stop the evaluation
+    assert main(["eval", str(out), "--episodes", "10"]) == 0
+    assert json.loads((out / "eval.json").read_text())["mean"] == a
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["episodes"] == 50
+
+
+def test_demo_checks_both_configs_before_training(tmp_path, capsys):
+    from metattn.demo import main as demo
+
+    assert demo(["--out", str(tmp_path / "d"), "--icl-set", "train.stpes=5"]) == 2
+    assert "train.stpes" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "maml").exists()  # nothing was trained

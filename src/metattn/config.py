@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,10 @@ def _check_numbers(cfg: RunConfig) -> None:
                               ("eval.chunk", e.chunk, 1)):
         if value < least:
             raise ConfigError(f"{key}={value}; it must be >= {least}")
+    if not (math.isfinite(t.lr) and t.lr >= 0):
+        raise ConfigError(f"train.lr={t.lr}; it must be a finite number >= 0")
+    if not t.weight_decay >= 0:
+        raise ConfigError(f"train.weight_decay={t.weight_decay}; it must be >= 0")
     if t.grad_clip is not None and not t.grad_clip > 0:
         raise ConfigError(f"train.grad_clip={t.grad_clip}; give a norm > 0, or null for no "
                           "clipping (a negative norm would flip the gradients)")
@@ -179,7 +184,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.steps=100")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e}); quote it, e.g. "
+                          "--set 'model.hidden=[40, 40]'") from e
     if isinstance(value, str):
         # YAML reads "3e-4" as a string; accept it as a number.
         try:
@@ -206,13 +215,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config file, apply overrides and validate."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config {str(p)!r} is a directory; pass the path of a YAML file in "
+                          "it (e.g. configs/sinusoid_maml_quick.yaml)")
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a YAML file "
                           "(see configs/)")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {str(p)!r} cannot be read as UTF-8 text: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} holds a {type(data).__name__}, not a mapping "
+                          "of sections (task, model, learner, train, eval)")
     data = apply_overrides(data, overrides or [])
     data.setdefault("name", p.stem)
     return from_dict(data)

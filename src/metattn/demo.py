@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from metattn.config import load
+from metattn.errors import MetattnError
 from metattn.reports import fmt, print_table, sinusoid_mse_vs_shots
 from metattn.train import build, pick_device, train
 
@@ -83,13 +84,25 @@ def main(argv: list[str] | None = None) -> int:
                    help="override in the in-context config")
     p.add_argument("--no-icl", action="store_true", help="MAML only")
     args = p.parse_args(argv)
+    try:
+        return _run(args)
+    except MetattnError as err:
+        print(f"metattn demo: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        print(f"metattn demo: error: {out} is not empty; pass --out NEW_DIR (the default "
-              "`make demo` names a new folder by the time)", file=sys.stderr)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"metattn demo: error: {out} is not an empty folder; pass --out NEW_DIR (the "
+              "default `make demo` names a new folder by the time)", file=sys.stderr)
         return 2
     t0 = time.time()
     cfg = load(args.config, args.set)
+    # both configs are checked before any training (a typo must not cost the MAML half)
+    icfg = None if args.no_icl else load(args.icl_config, args.icl_set)
     summary = train(cfg, out / "maml")
     device = pick_device(cfg.train.device)
     maml_seconds = time.time() - t0
@@ -103,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     plots = [out / "maml" / "adaptation.png", out / "maml" / "training.png"]
     if not args.no_icl:
         t1 = time.time()
-        icfg = load(args.icl_config, args.icl_set)
+        assert icfg is not None
         isum = train(icfg, out / "icl")
         icl = _trained(icfg, out / "icl")
         icl_seconds = time.time() - t1

@@ -50,6 +50,8 @@ def get_builder(group: str, kind: str) -> Callable[..., Any]:
     """The builder for ``kind`` in ``group``, or a ConfigError suggesting the nearest name."""
     _load_builtins()
     table = _REGISTRY[group]
+    if not isinstance(kind, str):
+        raise ConfigError(f"{group}.kind: got {kind!r}; give one name from {sorted(table)}")
     if kind not in table:
         close = difflib.get_close_matches(str(kind), list(table), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""

@@ -14,7 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +104,8 @@ def build(cfg: RunConfig, device: torch.device) -> tuple[Any, Any, Learner]:
 
 
 def evaluate(learner: Learner, episodes: list[TaskBatch], device: torch.device,
-             dtype: torch.dtype) -> dict[str, Any]:
+             dtype: torch.dtype, on_chunk: Callable[[int, int], None] | None = None
+             ) -> dict[str, Any]:
     """Mean and 95% CI of every per-task metric over a fixed list of episode batches.
 
     The learner runs in eval mode (no dropout: an episode's result must not depend on the
@@ -117,8 +118,12 @@ def evaluate(learner: Learner, episodes: list[TaskBatch], device: torch.device,
     was_training = learner.training
     learner.eval()
     try:
+        total, done = sum(b.num_tasks for b in episodes), 0
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for b in episodes:
+                if on_chunk is not None:
+                    on_chunk(done, total)
+                done += b.num_tasks
                 out = learner.evaluate(b.to(device, dtype))
                 loss = out.get("loss")
                 bad = (~torch.isfinite(loss.detach()) if loss is not None and loss.dim() == 1
@@ -150,6 +155,32 @@ def evaluate(learner: Learner, episodes: list[TaskBatch], device: torch.device,
             if any(b for _, b in cols):
                 res[f"{k}_diverged"] = [b for _, b in cols]
     return res
+
+
+@contextmanager
+def _eval_bar(enabled: bool):
+    """A transient 'evaluate' progress bar over test episodes (final evaluation, ``metattn
+    eval``): 600 MAML episodes with 10 inner steps can take many minutes on a CPU."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(TextColumn("[bold]evaluate"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task("eval", total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
 
 
 def headline(result: dict[str, Any], n_way: int | None) -> tuple[str, float, float]:
@@ -346,6 +377,9 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
     saved_ckpt = None
     if is_main:
         try:
+            if run_dir.exists() and not run_dir.is_dir():
+                raise ConfigError(f"--out {str(run_dir)!r} is a file; pass a directory for the "
+                                  "run (created if missing)")
             if ckpt_path.exists() and not resume:
                 raise CheckpointError(
                     f"{str(run_dir)!r} already holds a run; pass --resume to continue it, or "
@@ -531,7 +565,9 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
 
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 \
                     and step < cfg.train.steps:
-                res = evaluate(learner, eval_sets["periodic"], device, dtype)
+                res = evaluate(learner, eval_sets["periodic"], device, dtype,
+                               lambda d, n, s=step: progress.update(
+                                   s, f"evaluating: {d}/{n} episodes"))
                 key, mean, ci = headline(res, n_way)
                 logger.log("eval", step, {**{k: v for k, v in res.items()
                                              if not isinstance(v, list)}, "seconds": elapsed})
@@ -583,8 +619,9 @@ def final_evaluation(cfg: RunConfig, learner: Learner, test_tasks: Any, run_dir:
                      ) -> dict[str, Any]:
     """Evaluate on the fixed seeded test episodes and write ``summary.json``."""
     n = episodes or cfg.eval.episodes
-    res = evaluate(learner, fixed_episodes(test_tasks, n, cfg.eval.seed, cfg.eval.chunk),
-                   device, dtype)
+    with _eval_bar(write and cfg.train.progress) as bar:
+        res = evaluate(learner, fixed_episodes(test_tasks, n, cfg.eval.seed, cfg.eval.chunk),
+                       device, dtype, bar)
     if n_way is None:
         n_way = test_tasks.sample(1, torch.Generator().manual_seed(0)).n_way
     key, mean, ci = headline(res, n_way)
@@ -612,24 +649,29 @@ def evaluate_run(run_dir: str | Path, episodes: int | None = None, device: str |
                  threads: int | None = None) -> dict[str, Any]:
     """Re-evaluate a run directory's checkpoint; writes ``eval.json``. ``device`` and
     ``threads`` override the run's (a GPU run can be evaluated on a CPU machine)."""
-    from metattn.config import load
+    from metattn.config import apply_overrides, from_dict, load
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{str(run_dir)!r} has no config.yaml; is it a metattn run "
+    if not (run_dir / checkpoint.WEIGHTS).is_file() and not cfg_path.is_file():
+        raise CheckpointError(f"{str(run_dir)!r} holds no checkpoint; is it a metattn run "
                               "directory (metattn train ... --out DIR)?")
     if episodes is not None and episodes < 1:
         raise ConfigError(f"episodes={episodes}; evaluate on at least 1 episode")
     overrides = [f"train.device={device}"] if device else []
     overrides += [f"train.threads={threads}"] if threads else []
-    cfg = load(cfg_path, overrides)
+    tensors, state = checkpoint.load(run_dir)
+    # the config the checkpoint was trained with (config.yaml may be missing or edited);
+    # checkpoints from before it was stored fall back to config.yaml
+    if state.get("config") is not None:
+        cfg = from_dict(apply_overrides(state["config"], overrides))
+    else:
+        cfg = load(cfg_path, overrides)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
     dtype = getattr(torch, cfg.train.dtype)
     _, test_tasks, learner = build(cfg, device)
-    tensors, state = checkpoint.load(run_dir)
     checkpoint.restore(tensors, state, learner)
     return final_evaluation(cfg, learner, test_tasks, run_dir, device, dtype, None,
                             state["step"], state["seconds"],

@@ -9,14 +9,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from metattn.data.tasks import TaskBatch
+from metattn.errors import TaskError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def mse_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error that refuses to broadcast: a model with 3 outputs against 1-wide
+    targets would otherwise train on a silently broadcast loss."""
+    if pred.shape != target.shape:
+        raise TaskError(
+            f"the model's predictions have shape {tuple(pred.shape)} but the targets "
+            f"{tuple(target.shape)}; make the model's output size (e.g. model.out_features) "
+            "match the targets' width")
+    return F.mse_loss(pred, target)
 
 
 def default_loss(batch_or_n_way: TaskBatch | int | None) -> LossFn:
     """Cross-entropy for classification episodes (``n_way`` set), mean squared error otherwise."""
     n_way = batch_or_n_way.n_way if isinstance(batch_or_n_way, TaskBatch) else batch_or_n_way
-    return F.cross_entropy if n_way is not None else F.mse_loss
+    return F.cross_entropy if n_way is not None else mse_loss
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

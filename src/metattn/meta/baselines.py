@@ -21,7 +21,7 @@ import torch
 from metattn.data.functions import error_scale
 from metattn.data.tasks import TaskBatch, TaskSampler, fixed_episodes, mean_ci95
 from metattn.errors import ConfigError
-from metattn.meta.base import Learner
+from metattn.meta.base import Learner, mse_loss
 
 PredictFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -144,7 +144,6 @@ def maml_predict_fn(learner: Learner, steps: int | None = None) -> PredictFn:
     once (vmap where the learner uses it) with ``steps`` inner steps (default
     ``eval_inner_steps``). With k = 0 (no support point) it predicts with the meta-learned
     initialisation, the learner's best guess before seeing data."""
-    import torch.nn.functional as F
 
     def predict(sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
         n = learner.eval_inner_steps if steps is None else steps
@@ -152,7 +151,7 @@ def maml_predict_fn(learner: Learner, steps: int | None = None) -> PredictFn:
         if sx.shape[1] == 0:  # nothing to adapt on: the initialisation (support unused)
             sx, sy, n = qx, qy, 0
         with torch.no_grad():
-            out = learner._run(TaskBatch(sx, sy, qx, qy), learner.loss_fn or F.mse_loss, n,
+            out = learner._run(TaskBatch(sx, sy, qx, qy), learner.loss_fn or mse_loss, n,
                                True, [n])[2]
         return out[:, -1]
 

@@ -179,6 +179,9 @@ class MAML(Learner):
             raise ConfigError("MAML: adapt=[] names no parameter to adapt; name some (ANIL: "
                               "['head']) or leave adapt unset to adapt all")
         self.vectorize = vectorize
+        if chunk_size is not None and chunk_size < 1:
+            raise ConfigError(f"MAML: chunk_size={chunk_size}; use a number of tasks >= 1, or "
+                              "None for all at once")
         self.chunk_size = chunk_size
         self.checkpoint = bool(checkpoint)
         self.per_task_backward = bool(per_task_backward)

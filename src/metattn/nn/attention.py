@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from metattn.errors import ConfigError
+
 _DOUBLE_BACKWARD: ContextVar[bool] = ContextVar("metattn_double_backward", default=False)
 _RECORDER: ContextVar[list | None] = ContextVar("metattn_attention_recorder", default=None)
 
@@ -154,8 +156,11 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
+        if d_model < 1 or n_heads < 1:
+            raise ConfigError(f"MultiHeadAttention: d_model={d_model}, n_heads={n_heads}; both "
+                              "must be >= 1")
         if d_model % n_heads != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"MultiHeadAttention: d_model={d_model} is not divisible by n_heads={n_heads}; "
                 "choose n_heads that divides d_model"
             )

@@ -9,7 +9,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from metattn.errors import ConfigError
 from metattn.nn.attention import TransformerEncoder
+
+
+def _positive(**sizes: list[int]) -> None:
+    """Layer sizes must be >= 1 (0 would train a model that ignores its input)."""
+    for owner, values in sizes.items():
+        if any(int(v) < 1 for v in values):
+            raise ConfigError(f"{owner}: layer sizes {list(values)}; every size must be >= 1")
 
 
 class MLP(nn.Module):
@@ -18,6 +26,7 @@ class MLP(nn.Module):
     def __init__(self, in_features: int = 1, hidden: list[int] | tuple[int, ...] = (40, 40),
                  out_features: int = 1):
         super().__init__()
+        _positive(MLP=[in_features, *hidden, out_features])
         layers: list[nn.Module] = []
         d = in_features
         for h in hidden:
@@ -58,8 +67,9 @@ class Conv4(nn.Module):
                  image_size: int = 28, channels_last: bool = False,
                  track_running_stats: bool = False):
         super().__init__()
+        _positive(Conv4=[in_channels, n_classes, hidden])
         if image_size < 16:
-            raise ValueError(
+            raise ConfigError(
                 f"Conv4: image_size={image_size}; four 2x2 max-pools need images of at least "
                 "16x16 (resize the inputs, or use a backbone with fewer blocks)")
         self.channels_last = bool(channels_last)
@@ -98,7 +108,7 @@ class ViT(nn.Module):
                  d_ff: int | None = None, dropout: float = 0.0):
         super().__init__()
         if image_size % patch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"ViT: image_size={image_size} is not a multiple of patch_size={patch_size}; "
                 "pick a patch size that divides the image"
             )
