@@ -374,6 +374,8 @@ def test_user_mistakes_are_clear_errors_not_tracebacks(tmp_path, capsys):
          "every size must be >= 1"),
         (["train", str(cfg), "--set", "model.out_features=3", "--out", str(tmp_path / "f")],
          "out_features"),
+        (["train", str(cfg), "--set", "model.in_features=2", "--out", str(tmp_path / "g")],
+         "in_features"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Literal
 
 import torch
@@ -35,7 +35,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from metattn.data.tasks import TaskBatch
-from metattn.errors import ConfigError, InnerLoopError
+from metattn.errors import ConfigError, InnerLoopError, TaskError
 from metattn.meta.base import Learner, LossFn, accuracy, default_loss
 from metattn.meta.norms import NormRewrite
 from metattn.nn.attention import double_backward, recording
@@ -622,7 +622,8 @@ class MAML(Learner):
         weights = self.msl_weights(n, step)
         record = [i + 1 for i, w in enumerate(weights) if w > 0] if n > 0 else [0]
         w = [weights[r - 1] for r in record] if n > 0 else [1.0]
-        s, q, o, loss = self._run(batch, loss_fn, n, first_order, record, weights=w)
+        with _shape_errors(batch):
+            s, q, o, loss = self._run(batch, loss_fn, n, first_order, record, weights=w)
         if loss is None:
             w_t = torch.tensor(w, dtype=q.dtype, device=q.device)
             loss = (q * w_t).sum(-1).mean()
@@ -643,7 +644,7 @@ class MAML(Learner):
         """
         loss_fn = loss_fn or self.loss_fn or default_loss(batch)
         steps = self.eval_inner_steps if steps is None else steps
-        with torch.no_grad():
+        with torch.no_grad(), _shape_errors(batch):
             s, q, o, _ = self._run(batch, loss_fn, steps, True, list(range(steps + 1)))
         out = {"loss": q[:, -1], "loss_per_step": q}
         if batch.n_way is not None:
@@ -686,6 +687,25 @@ class MAML(Learner):
                 p = {k: p[k] - self._lr(k, i) * g[k] for k in p}
         slow_d = {k: v.detach() for k, v in slow.items()}
         return AdaptedModel(model, {**slow_d, **p}, buffers, norm_rewrite=rewrite)
+
+
+@contextmanager
+def _shape_errors(batch: TaskBatch):
+    """A shape error from inside the model (e.g. a model built for 2 input features on 1-d
+    data) becomes a TaskError saying which batch and what to check; the original stays
+    chained."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+        if not any(k in msg for k in ("size", "shape", "dimension", "mat1", "mat2")):
+            raise
+        raise TaskError(
+            f"the model could not run on this batch (support_x {tuple(batch.support_x.shape)}, "
+            f"support_y {tuple(batch.support_y.shape)}): {msg}; check that the model's input "
+            "size (e.g. model.in_features) matches the data") from e
 
 
 def _graph_leaves(t: torch.Tensor) -> list[torch.Tensor]:
