@@ -157,13 +157,8 @@ def evaluate(learner: Learner, episodes: list[TaskBatch], device: torch.device,
     return res
 
 
-@contextmanager
-def _eval_bar(enabled: bool):
-    """A transient 'evaluate' progress bar over test episodes (final evaluation, ``metattn
-    eval``): 600 MAML episodes with 10 inner steps can take many minutes on a CPU."""
-    if not enabled:
-        yield None
-        return
+def _rich_bar(label: str, transient: bool, info: bool = False):
+    """A rich progress bar: label, bar, done/total, elapsed, remaining (and an info field)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -173,8 +168,21 @@ def _eval_bar(enabled: bool):
         TimeRemainingColumn,
     )
 
-    with Progress(TextColumn("[bold]evaluate"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), transient=True) as bar:
+    cols = [TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TimeRemainingColumn()]
+    if info:
+        cols.append(TextColumn("{task.fields[info]}"))
+    return Progress(*cols, transient=transient)
+
+
+@contextmanager
+def _eval_bar(enabled: bool):
+    """A transient 'evaluate' progress bar over test episodes (final evaluation, ``metattn
+    eval``): 600 MAML episodes with 10 inner steps can take many minutes on a CPU."""
+    if not enabled:
+        yield None
+        return
+    with _rich_bar("evaluate", transient=True) as bar:
         task = bar.add_task("eval", total=None)
 
         def update(done: int, total: int) -> None:
@@ -285,18 +293,7 @@ class _Progress:
         self.main = main  # messages come from rank 0 only
         if not enabled:
             return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(TextColumn("[bold]meta-train"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TimeRemainingColumn(),
-                            TextColumn("{task.fields[info]}"), transient=False)
+        self.bar = _rich_bar("meta-train", transient=False, info=True)
         self.bar.start()
         self.task = self.bar.add_task("train", total=total, completed=start, info="")
 
