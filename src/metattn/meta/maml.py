@@ -696,7 +696,7 @@ def _shape_errors(batch: TaskBatch):
     chained."""
     try:
         yield
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError on torch >= 2.5)
         raise
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
