@@ -105,6 +105,18 @@ def test_vmap_chunked_equals_unchunked(fp64):
     _, g_a = meta_grad(mt.MAML(m, inner_lr=0.3, vectorize=True), batch)
     _, g_b = meta_grad(mt.MAML(m, inner_lr=0.3, vectorize=True, chunk_size=3), batch)
     assert float((g_a - g_b).norm() / g_a.norm()) < 1e-10
+    # and the chunks are real: 4 tasks in chunks of 3 run the model twice as often
+    calls: list[int] = []
+    counts = {}
+    h = m.register_forward_hook(lambda mod, i, o: calls.append(1))
+    try:
+        for chunk in (None, 3):
+            calls.clear()
+            mt.MAML(m, inner_lr=0.3, vectorize=True, chunk_size=chunk).meta_loss(batch)
+            counts[chunk] = len(calls)
+    finally:
+        h.remove()
+    assert counts[3] == 2 * counts[None], counts
 
 
 def test_layernorm_and_batchnorm_modules_with_buffers_and_dropout():

@@ -168,6 +168,11 @@ def test_matching_fce_attention_rows_sum_to_one() -> None:
     plain = MatchingNet(nn.Identity()).attention(b.support_x[0], b.support_y[0],
                                                  b.query_x[0])
     assert not torch.allclose(a, plain)  # the context embeddings change the attention
+    # the attention LSTM's read steps matter (fce_steps is not ignored)
+    torch.manual_seed(0)
+    one = MatchingNet(nn.Identity(), fce=True, dim=2, fce_steps=1)
+    one.load_state_dict(learner.state_dict())
+    assert not torch.allclose(one.attention(b.support_x[0], b.support_y[0], b.query_x[0]), a)
 
 
 # ---------------------------------------------------------------- FEAT

@@ -276,6 +276,34 @@ def test_corrupt_zip_is_a_data_error(tmp_path: Path) -> None:
         load_omniglot(tmp_path, splits=["background"], cache_dir=False)
 
 
+def test_corrupt_zip_is_a_data_error_with_the_cache_on(tmp_path: Path) -> None:
+    """The default path (cache on) and a flipped byte inside a member's compressed data."""
+    (tmp_path / "images_background.zip").write_bytes(b"this is not a zip file" * 100)
+    with pytest.raises(DataError, match="images_background.zip"):
+        load_omniglot(tmp_path, splits=["background"], cache_dir=tmp_path / "cache")
+    good = tmp_path / "good"
+    good.mkdir()
+    path = make_zip(good / "images_background.zip", "background", {"Alpha": 1})
+    with zipfile.ZipFile(path) as zf:
+        info = zf.infolist()[3]
+    data = bytearray(path.read_bytes())
+    at = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 2
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="download it again|images_background.zip"):
+        load_omniglot(good, splits=["background"], cache_dir=tmp_path / "cache2")
+
+
+@needs_data
+def test_cache_matches_a_fresh_read_of_the_zip(real: om.Omniglot) -> None:
+    """The real-data tests read the user cache; this one re-reads a zip with the current
+    loader, so a loader change cannot hide behind a stale cache."""
+    fresh = om.read_zip(REAL / "images_evaluation.zip", "evaluation")
+    cached = real.subset([i for i, s in enumerate(real.splits) if s == "evaluation"])
+    assert fresh.names == cached.names and fresh.alphabets == cached.alphabets
+    assert np.array_equal(fresh.images, cached.images)
+
+
 def test_corrupt_png_is_a_data_error(tmp_path: Path) -> None:
     path = make_zip(tmp_path / "images_background.zip", "background", {"Alpha": 1})
     with zipfile.ZipFile(path) as zf:

@@ -72,11 +72,14 @@ def test_cli_train_then_eval(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("log_every", [1, 3])
-def test_resume_after_a_crash_gives_the_same_losses(tmp_path, log_every):
+@pytest.mark.parametrize("log_every, schedule", [(1, "constant"), (3, "constant"),
+                                                  (1, "cosine")])
+def test_resume_after_a_crash_gives_the_same_losses(tmp_path, log_every, schedule):
     """Also when the checkpoint (step 20) is not on a log boundary (every 3 steps): the
-    steps of the interrupted window are saved with the checkpoint."""
-    cfg = load(write_cfg(tmp_path, train__log_every=log_every))
+    steps of the interrupted window are saved with the checkpoint; and under a warm-up +
+    cosine schedule, whose position must be restored too."""
+    cfg = load(write_cfg(tmp_path, train__log_every=log_every, train__schedule=schedule,
+                         train__warmup_steps=5 if schedule == "cosine" else 0))
     full = tmp_path / "full"
     train(cfg, full)
 
@@ -92,7 +95,9 @@ def test_resume_after_a_crash_gives_the_same_losses(tmp_path, log_every):
         train(cfg, part, callbacks=[crash_at_24])
     tensors, state = checkpoint.load(part)
     assert state["step"] == 20  # last checkpoint before the crash
-    train(cfg, part, resume=True)
+    seen: list[int] = []
+    train(cfg, part, resume=True, callbacks=[lambda step, m: seen.append(step)])
+    assert seen and min(seen) > 20  # it continued from the checkpoint, not from scratch
     assert losses(part) == losses(full)
     assert len(losses(full)) == -(-40 // log_every)
     a = checkpoint.load(full)[0]
