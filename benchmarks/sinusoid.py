@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from metattn import checkpoint
-from metattn.config import load
+from metattn.config import config_diff, load
 from metattn.reports import fmt, print_table, sinusoid_mse_vs_shots
 from metattn.train import build, pick_device, train
 
@@ -34,18 +34,6 @@ LEARNERS = {
 }
 # A 40-line torch.func script on this machine, 41k meta-iterations (issue 3):
 SCRIPT = {5: (0.595, 0.309), 10: (0.340, 0.100), 20: (0.196, 0.042)}
-
-
-def _differing(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts."""
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _differing(va, vb, f"{prefix}{k}.")
-        elif va != vb and k != "progress":
-            out.append(f"{prefix}{k}")
-    return out
 
 
 def main() -> None:
@@ -69,7 +57,7 @@ def main() -> None:
         if (run_dir / "summary.json").is_file():
             # a finished run is reused only for the same config (--steps, --set included)
             done = load(run_dir / "config.yaml").to_dict()
-            changed = sorted(_differing(done, cfg.to_dict()))
+            changed = config_diff(done, cfg.to_dict(), ignore={"train.progress"})
             if changed:
                 raise SystemExit(f"{run_dir} holds a finished run with another config "
                                  f"({', '.join(changed)}); pass another --out, or delete it")

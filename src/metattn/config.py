@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -139,6 +140,21 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"train.steps={cfg.train.steps}; it must be >= 0")
     _check_numbers(cfg)
     return cfg
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any], ignore: Collection[str] = (),
+                prefix: str = "") -> list[str]:
+    """``"key: old -> new"`` for every dotted key whose value differs between two nested
+    config dicts, except the keys in ``ignore``."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        path = f"{prefix}{k}"
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_diff(va, vb, ignore, path + ".")
+        elif va != vb and path not in ignore:
+            out.append(f"{path}: {va!r} -> {vb!r}")
+    return out
 
 
 def _check_numbers(cfg: RunConfig) -> None:

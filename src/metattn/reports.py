@@ -12,6 +12,7 @@ from rich.table import Table
 
 from metattn.data.synthetic import SinusoidTasks
 from metattn.data.tasks import fixed_episodes, mean_ci95, split_finite
+from metattn.meta.base import eval_mode
 
 
 def finite_mean_ci95(v: torch.Tensor) -> tuple[float, float, int]:
@@ -40,35 +41,25 @@ def sinusoid_mse_vs_shots(
     evaluation, and is put back in its mode afterwards.
     """
     p = next(learner.parameters())
+    tasks = tasks or SinusoidTasks()
     out: dict[int, dict[int, tuple[float, float, int]]] = {}
-    was_training = learner.training
-    learner.eval()
-    try:
-        _mse_vs_shots(learner, tasks or SinusoidTasks(), shots, steps, episodes, seed,
-                      k_query, p, out)
-    finally:
-        learner.train(was_training)
+    with eval_mode(learner):
+        for k in shots:
+            sampler = dataclasses.replace(tasks, k_shot=k, k_query=k_query)
+            eps = fixed_episodes(sampler, episodes, seed + k)
+            per_step: dict[int, list[torch.Tensor]] = {s: [] for s in steps}
+            for b in eps:
+                b = b.to(p.device, p.dtype)
+                if hasattr(learner, "eval_inner_steps"):
+                    curve = learner.evaluate(b, steps=max(steps))["loss_per_step"]
+                    for s in steps:
+                        per_step[s].append(curve[:, s].float().cpu())
+                else:
+                    loss = learner.evaluate(b)["loss"].float().cpu()
+                    for s in steps:
+                        per_step[s].append(loss)
+            out[k] = {s: finite_mean_ci95(torch.cat(v)) for s, v in per_step.items()}
     return out
-
-
-def _mse_vs_shots(learner: Any, tasks: SinusoidTasks, shots: Sequence[int],
-                  steps: Sequence[int], episodes: int, seed: int, k_query: int, p: torch.Tensor,
-                  out: dict[int, dict[int, tuple[float, float, int]]]) -> None:
-    for k in shots:
-        sampler = dataclasses.replace(tasks, k_shot=k, k_query=k_query)
-        eps = fixed_episodes(sampler, episodes, seed + k)
-        per_step: dict[int, list[torch.Tensor]] = {s: [] for s in steps}
-        for b in eps:
-            b = b.to(p.device, p.dtype)
-            if hasattr(learner, "eval_inner_steps"):
-                curve = learner.evaluate(b, steps=max(steps))["loss_per_step"]
-                for s in steps:
-                    per_step[s].append(curve[:, s].float().cpu())
-            else:
-                loss = learner.evaluate(b)["loss"].float().cpu()
-                for s in steps:
-                    per_step[s].append(loss)
-        out[k] = {s: finite_mean_ci95(torch.cat(v)) for s, v in per_step.items()}
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],

@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 
 from metattn import checkpoint, registry
-from metattn.config import RunConfig, dump
+from metattn.config import RunConfig, config_diff, dump
 from metattn.data.tasks import TaskBatch, fixed_episodes, mean_ci95, split_finite
 from metattn.errors import CheckpointError, ConfigError, MetattnError
-from metattn.meta.base import Learner
+from metattn.meta.base import Learner, eval_mode
 
 # Keys that may differ between a run and its resumption (they do not change the maths).
 # ``eval.chunk`` is not among them: with the seed it fixes which test episodes are drawn.
@@ -115,30 +115,26 @@ def evaluate(learner: Learner, episodes: list[TaskBatch], device: torch.device,
     ``<metric>_diverged``.
     """
     per_task: dict[str, list[torch.Tensor]] = {}
-    was_training = learner.training
-    learner.eval()
-    try:
-        total, done = sum(b.num_tasks for b in episodes), 0
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            for b in episodes:
-                if on_chunk is not None:
-                    on_chunk(done, total)
-                done += b.num_tasks
-                out = learner.evaluate(b.to(device, dtype))
-                loss = out.get("loss")
-                bad = (~torch.isfinite(loss.detach()) if loss is not None and loss.dim() == 1
-                       else None)
-                for k, v in out.items():
-                    v = v.detach().float().cpu()
-                    if bad is not None and v.dim() in (1, 2) and bool(bad.any()):
-                        # per-task values and per-task curves alike: a diverged task leaves
-                        # every metric, so each curve is over the same tasks as the loss
-                        m = bad.cpu() if v.dim() == 1 else bad.cpu().unsqueeze(-1)
-                        v = v.masked_fill(m, float("nan"))
-                    per_task.setdefault(k, []).append(v)
-    finally:
-        learner.train(was_training)
-    res: dict[str, Any] = {"episodes": sum(b.num_tasks for b in episodes)}
+    total, done = sum(b.num_tasks for b in episodes), 0
+    with eval_mode(learner), \
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for b in episodes:
+            if on_chunk is not None:
+                on_chunk(done, total)
+            done += b.num_tasks
+            out = learner.evaluate(b.to(device, dtype))
+            loss = out.get("loss")
+            bad = (~torch.isfinite(loss.detach()) if loss is not None and loss.dim() == 1
+                   else None)
+            for k, v in out.items():
+                v = v.detach().float().cpu()
+                if bad is not None and v.dim() in (1, 2) and bool(bad.any()):
+                    # per-task values and per-task curves alike: a diverged task leaves
+                    # every metric, so each curve is over the same tasks as the loss
+                    m = bad.cpu() if v.dim() == 1 else bad.cpu().unsqueeze(-1)
+                    v = v.masked_fill(m, float("nan"))
+                per_task.setdefault(k, []).append(v)
+    res: dict[str, Any] = {"episodes": total}
     # Tasks whose adaptation diverged (non-finite loss) are counted, not averaged in.
     for k, vs in per_task.items():
         v = torch.cat(vs)
@@ -217,19 +213,6 @@ def make_optimizer(cfg: RunConfig, learner: Learner):
         return warm
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = set(a) | set(b)
-    out = []
-    for k in sorted(keys):
-        path = f"{prefix}{k}"
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _config_diff(va, vb, path + ".")
-        elif va != vb and path not in RESUMABLE_KEYS:
-            out.append(f"{path}: {va!r} -> {vb!r}")
-    return out
 
 
 def _record(line: str) -> dict | None:
@@ -394,10 +377,10 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
 
                     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
             if saved is not None:
-                diff = _config_diff(saved, cfg.to_dict())
+                diff = config_diff(saved, cfg.to_dict(), ignore=RESUMABLE_KEYS)
                 if diff:
                     raise ConfigError(
-                        "--resume: the config differs from the run's config.yaml in "
+                        "--resume: the config differs from the one in the run's checkpoint in "
                         f"{diff}; only {sorted(RESUMABLE_KEYS)} may change when resuming")
                 old_steps = (saved.get("train") or {}).get("steps")
                 if cfg.train.schedule == "cosine" and old_steps != cfg.train.steps:
@@ -469,9 +452,7 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                          "torch": torch.__version__,
                          # the steps since the last log line, so that a resumed run logs
                          # the same averages as an uninterrupted one
-                         "log_window": {k: [str(v[0].dtype).removeprefix("torch."),
-                                            [t.tolist() for t in v]]
-                                        for k, v in window.items() if v},
+                         "log_window": {k: [t.tolist() for t in v] for k, v in window.items()},
                          "log_tasks": tasks_window,
                          "log_seconds": time.perf_counter() - t_window},
                         {"task_generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
@@ -506,8 +487,9 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
     window: dict[str, list[torch.Tensor]] = {}
     t_window, tasks_window = time.perf_counter(), 0
     if resume:
-        window = {k: [torch.tensor(x, dtype=getattr(torch, dt)) for x in v]
-                  for k, (dt, v) in (state.get("log_window") or {}).items()}
+        # (floats: the window's mean is taken in float32, which they hold exactly)
+        window = {k: [torch.tensor(x) for x in v]
+                  for k, v in (state.get("log_window") or {}).items()}
         tasks_window = state.get("log_tasks", 0)
         t_window -= state.get("log_seconds", 0.0)
     step = start
@@ -650,9 +632,6 @@ def evaluate_run(run_dir: str | Path, episodes: int | None = None, device: str |
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
-    if not (run_dir / checkpoint.WEIGHTS).is_file() and not cfg_path.is_file():
-        raise CheckpointError(f"{str(run_dir)!r} holds no checkpoint; is it a metattn run "
-                              "directory (metattn train ... --out DIR)?")
     if episodes is not None and episodes < 1:
         raise ConfigError(f"episodes={episodes}; evaluate on at least 1 episode")
     overrides = [f"train.device={device}"] if device else []

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,17 @@ def mse_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             f"{tuple(target.shape)}; make the model's output size (e.g. model.out_features) "
             "match the targets' width")
     return F.mse_loss(pred, target)
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode (no dropout) inside the block, back in its own mode after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def default_loss(batch_or_n_way: TaskBatch | int | None) -> LossFn:

@@ -31,7 +31,7 @@ from metattn.data.functions import (  # noqa: F401 (Curriculum* re-exported)
 )
 from metattn.data.tasks import TaskBatch
 from metattn.errors import ConfigError, TaskError
-from metattn.meta.base import Learner, LossFn
+from metattn.meta.base import Learner, LossFn, eval_mode
 from metattn.nn.attention import MultiHeadAttention, TransformerEncoder, record_attention
 
 
@@ -286,13 +286,8 @@ class InContextLearner(Learner):
         k = support_x.shape[1]
         mine = {id(mod) for mod in self.model.encoder.modules()
                 if isinstance(mod, MultiHeadAttention)}
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad(), record_attention() as rec:
-                self.model.predict(support_x, support_y, query_x)
-        finally:
-            self.model.train(was_training)
+        with eval_mode(self.model), torch.no_grad(), record_attention() as rec:
+            self.model.predict(support_x, support_y, query_x)
         w = torch.stack([a for mod, a in rec if id(mod) in mine], dim=1)  # [T, layers, H, L, L]
         rows = w[..., 2 * k :, :]  # the query rows [T, layers, H, Q, L]
         own = rows[..., 2 * k :].diagonal(dim1=-2, dim2=-1).unsqueeze(-1)

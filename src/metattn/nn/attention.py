@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.modules import module as _module
 
 from metattn.errors import ConfigError
 
@@ -82,7 +83,7 @@ def recording() -> bool:
 
 def fused_allowed(need_weights: bool) -> bool:
     """The rule for the fused kernel: no weights wanted and no second derivative coming."""
-    return not need_weights and not _DOUBLE_BACKWARD.get() and _RECORDER.get() is None
+    return not need_weights and not _DOUBLE_BACKWARD.get() and not recording()
 
 
 def scaled_dot_product_attention(
@@ -181,10 +182,8 @@ class MultiHeadAttention(nn.Module):
         parameters stay ``q_proj``/``k_proj``/``v_proj``; measured 7-9% faster second-order
         MAML on CPU for the d_model=128 Transformer). Projections replaced by other modules or
         carrying hooks run as modules. Returns them split into heads."""
-        from torch.nn.modules import module as _m
-
-        global_hooks = (_m._global_forward_hooks or _m._global_forward_pre_hooks
-                        or _m._global_backward_hooks or _m._global_backward_pre_hooks)
+        global_hooks = (_module._global_forward_hooks or _module._global_forward_pre_hooks
+                        or _module._global_backward_hooks or _module._global_backward_pre_hooks)
         plain = not global_hooks and all(
             type(p) is nn.Linear and not (p._forward_hooks or p._forward_pre_hooks
                                           or p._backward_hooks or p._backward_pre_hooks)
