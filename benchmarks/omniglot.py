@@ -111,9 +111,7 @@ class Budget:
         elif projected < step + self.cfg.train.log_every:
             # the budget runs out before the next call (every log_every steps): end there
             steps = min(steps, projected)
-        steps = max(steps, step)
-        if steps != self.cfg.train.steps:
-            self.cfg.train.steps = steps  # the recipe's loop ends there, saves and evaluates
+        self.cfg.train.steps = max(steps, step)  # the recipe's loop ends there, saves, evaluates
         self.stopped_by_budget = self.cfg.train.steps < self.cap
 
 
