@@ -14,8 +14,8 @@ into ``--out``.
 sinusoid_mse_vs_shots`); writes ``icl_sinusoid.json``/``.md`` and ``maml_vs_icl.png``.
 
 Trained runs are read from run directories (``--run``, ``--icl-run``, ``--maml-run``) or
-trained here by the recipe (``--steps N`` or ``--minutes M``: M minutes of training, the
-step count calibrated from timed steps so that the cosine/warm-up schedule fits).
+trained here by the recipe (``--steps N`` or ``--minutes M``: M minutes of training time,
+ended on time by :class:`metattn.train.TimeBudget`, which fits the cosine schedule to it).
 
     python benchmarks/icl.py linear --config configs/icl_linear_d5_cpu.yaml --run runs/icl-d5
     python benchmarks/icl.py linear --config configs/icl_linear_d5_cpu.yaml --minutes 10 \\
@@ -41,7 +41,7 @@ from metattn.config import RunConfig, from_dict, load
 from metattn.meta import baselines as bl
 from metattn.meta.baselines import error_vs_k
 from metattn.reports import fmt, print_table
-from metattn.train import build, pick_device, train
+from metattn.train import TimeBudget, build, pick_device, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,15 +108,22 @@ def with_steps(cfg: RunConfig, steps: int) -> RunConfig:
 
 def train_for(cfg: RunConfig, out: Path, steps: int | None, seconds: float | None,
               ) -> tuple[Any, dict[str, Any]]:
-    """Train ``cfg`` by the recipe for ``steps`` or about ``seconds`` (calibrated)."""
+    """Train ``cfg`` by the recipe for ``steps``, or for ``seconds`` of training time: the
+    step count is calibrated from timed steps (with a 30% margin) and a
+    :class:`~metattn.train.TimeBudget` ends the run on time, fitting the cosine schedule's
+    horizon to the budget, so the learning rate reaches zero when time runs out."""
+    callbacks = []
     if seconds is not None:
         rate = seconds_per_step(cfg)
-        steps = int(seconds / rate)
-        print(f"[bench] {cfg.name}: {rate * 1000:.1f} ms/step -> {steps} steps for "
-              f"{seconds:.0f} s", flush=True)
+        steps = int(1.3 * seconds / rate)
+        print(f"[bench] {cfg.name}: {rate * 1000:.1f} ms/step -> at most {steps} steps for "
+              f"{seconds:.0f} s (the budget fits the schedule)", flush=True)
     if steps is not None:
         cfg = with_steps(cfg, steps)
-    summary = train(cfg, out)
+    if seconds is not None:
+        cfg.train.log_every = min(cfg.train.log_every, 10)  # the budget acts at log steps
+        callbacks.append(TimeBudget(cfg, seconds))
+    summary = train(cfg, out, callbacks=callbacks)
     _, learner, _ = load_run(out)
     return learner, summary
 
@@ -322,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     common.add_argument("--steps", type=int, help="train this many steps (runs not given)")
-    common.add_argument("--minutes", type=float, help="train about this long (calibrated)")
+    common.add_argument("--minutes", type=float,
+                        help="train this many minutes (a TimeBudget ends the run on time)")
     lin = sub.add_parser("linear", parents=[common], help="error-vs-k table and plot")
     lin.add_argument("--config", default=str(ROOT / "configs" / "icl_linear_d5_cpu.yaml"))
     lin.add_argument("--set", action="append", default=[], help="config override key=value")

@@ -13,19 +13,13 @@ directory is ``OUT/<config name>``.
     python benchmarks/omniglot.py --configs 'configs/omniglot_*_maml.yaml' --max-steps 2000
     python benchmarks/omniglot.py --set train.device=cuda --out runs/bench-omniglot-gpu
 
-Time budget (``--budget SECONDS``): the recipe has no wall-clock option, so the benchmark
-passes it a callback that stops training once the next step would overrun the budget of
-TRAINING seconds (the recipe's ``seconds``: meta-steps, sampling included; periodic evaluation,
-data loading and the final evaluation excluded). It lowers ``train.steps`` to the current step,
-so the recipe ends the loop normally, saves the checkpoint and evaluates it. With a cosine
-schedule, ``--fit-schedule`` (the default) also moves the schedule's horizon to the number of
-steps projected to fit the budget (re-estimated at every log step from the time per step
-after the first 5% of the budget, so slow warm-up steps do not count; it only shrinks, and
-never passes the config's ``train.steps``), so the learning rate reaches zero when time runs
-out on any machine, and the run ends there. The callback runs every ``train.log_every``
-steps (without a fitted schedule it ends the run at the step where the budget runs out when
-that comes before the next call); the benchmark lowers ``log_every`` to 10 when a budget is
-given.
+Time budget (``--budget SECONDS``): each run gets a :class:`metattn.train.TimeBudget`
+callback, which ends training within that many TRAINING seconds (the recipe's ``seconds``:
+meta-steps, sampling included; periodic evaluation, data loading and the final evaluation
+excluded); with a cosine schedule, ``--fit-schedule`` (the default) also fits the schedule's
+horizon to the budget, so the learning rate reaches zero when time runs out on any machine
+(see its docstring). The benchmark lowers ``log_every`` to 10 when a budget is given, since
+the callback runs at log steps.
 
 CPU speed-up (same maths): glibc hands the large activation buffers back to the OS after every
 step and page-faults them in again; ``--malloc-tune`` (default) keeps freed memory in the
@@ -74,45 +68,6 @@ PAPER: dict[str, dict[Any, str]] = {
     "matching": {(5, 1): "98.1", (5, 5): "98.9", (20, 1): "93.8", (20, 5): "98.5",
                  "source": "Vinyals et al. 2016 (secondary, via MAML paper)"},
 }
-
-
-# ---------------------------------------------------------------------- time budget
-class Budget:
-    """Callback for :func:`metattn.train.train`: stop (and optionally fit a cosine schedule)
-    within ``seconds`` of training time by adjusting ``cfg.train.steps`` in place."""
-
-    def __init__(self, cfg: RunConfig, seconds: float, fit_schedule: bool):
-        self.cfg = cfg
-        self.seconds = float(seconds)
-        self.cap = cfg.train.steps
-        self.fit = fit_schedule and cfg.train.schedule == "cosine"
-        self.ref: tuple[int, float] | None = None  # (step, seconds) once warm-up is behind
-        self.stopped_by_budget = False
-
-    def __call__(self, step: int, vals: dict[str, float]) -> None:
-        elapsed = float(vals["seconds"])
-        if step >= self.cap:  # the config's own length reached first: the run ends there
-            return
-        # Time per step measured from a reference point past the first 5% of the budget, so
-        # slow first steps (allocator and kernel warm-up, CUDA init) do not count.
-        if self.ref is None and elapsed >= 0.05 * self.seconds:
-            self.ref = (step, elapsed)
-        steady = self.ref is not None and step > self.ref[0]
-        per_step = ((elapsed - self.ref[1]) / (step - self.ref[0]) if steady
-                    else elapsed / max(step, 1))
-        # the step at which the budget runs out at this rate
-        projected = step + int(max(self.seconds - elapsed, 0.0) / max(per_step, 1e-9))
-        steps = self.cfg.train.steps
-        if self.fit and steady and elapsed >= 0.1 * self.seconds:
-            # the cosine horizon: fitted once a tenth of the budget gives a steady time per
-            # step, then only ever shrinks (the rate must not rise again), never past the
-            # config's steps; the run ends when the horizon is reached
-            steps = min(steps, self.cap, projected)
-        elif projected < step + self.cfg.train.log_every:
-            # the budget runs out before the next call (every log_every steps): end there
-            steps = min(steps, projected)
-        self.cfg.train.steps = max(steps, step)  # the recipe's loop ends there, saves, evaluates
-        self.stopped_by_budget = self.cfg.train.steps < self.cap
 
 
 # ---------------------------------------------------------------------- rows
@@ -180,7 +135,7 @@ def run_one(path: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     budget = None
     if args.budget:
         cfg.train.log_every = min(cfg.train.log_every, 10)
-        budget = Budget(cfg, args.budget, args.fit_schedule)
+        budget = recipe.TimeBudget(cfg, args.budget, args.fit_schedule)
         callbacks.append(budget)
     run_dir = out / cfg.name
     t0 = time.perf_counter()

@@ -194,3 +194,18 @@ def test_integer_masks_are_rejected_on_the_math_path():
         A.scaled_dot_product_attention(q, q, q, mask=keep, need_weights=True)
     out, w = A.scaled_dot_product_attention(q, q, q, mask=keep.bool(), need_weights=True)
     assert torch.all(w[..., 0, 1:] == 0)
+
+
+def test_compiles_without_graph_breaks():
+    """torch.compile traces a whole Transformer as one graph (the recording and
+    double-backward switches are not read inside compiled code), with eager's numbers."""
+    torch.manual_seed(0)
+    enc = mt.TransformerEncoder(d_model=16, n_heads=4, n_layers=2)
+    x = torch.randn(3, 5, 16)
+    explained = torch._dynamo.explain(enc)(x, is_causal=True)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    compiled = torch.compile(enc, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, is_causal=True), enc(x, is_causal=True))
+    with mt.record_attention() as maps:  # eager code still records
+        enc(x)
+    assert len(maps) == 2

@@ -20,6 +20,7 @@ import yaml
 import metattn
 from metattn import checkpoint
 from metattn.config import from_dict
+from metattn.meta.maml import MAML
 from metattn.train import train
 
 CFG = {
@@ -59,29 +60,116 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
-def _torchrun(cfg_path: Path, out: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# Run under torchrun instead of ``-m metattn``: records, per rank and step, the tasks that
+# rank's MAML.meta_loss received (count and a fingerprint of each task's support set), then
+# runs the CLI as ``python -m metattn`` would.
+SPY = """
+import json, os, sys
+import torch
+from metattn.cli import main
+from metattn.meta.maml import MAML
+
+seen = []
+_meta_loss = MAML.meta_loss
+
+def meta_loss(self, batch, *args, **kwargs):
+    if self.training:
+        seen.append([float(x.sum()) for x in batch.support_x])
+    return _meta_loss(self, batch, *args, **kwargs)
+
+MAML.meta_loss = meta_loss
+rc = main(sys.argv[1:])
+with open(os.path.join(os.environ["SPY_DIR"], "rank%s.json" % os.environ["RANK"]), "w") as f:
+    json.dump(seen, f)
+sys.exit(rc)
+"""
+
+
+# A training script whose callback asks rank 0 for 3 steps and rank 1 for 5: rank 0's
+# decision must hold on both (else rank 1 would wait alone in a collective).
+DISAGREE = """
+import json, os, sys
+from metattn.config import from_dict
+from metattn.train import train
+
+cfg = from_dict(json.load(open(sys.argv[1])))
+rank = int(os.environ["RANK"])
+
+def callback(step, vals):
+    if step == 1:
+        cfg.train.steps = 3 if rank == 0 else 5
+
+summary = train(cfg, sys.argv[2], callbacks=[callback])
+with open(os.path.join(sys.argv[3], "rank%d.json" % rank), "w") as f:
+    json.dump(summary["steps"], f)
+"""
+
+
+def test_ranks_follow_rank_zeros_callback(tmp_path):
+    data = json.loads(json.dumps(CFG))
+    data["train"]["steps"] = 10
+    (tmp_path / "cfg.json").write_text(json.dumps(data))
+    (tmp_path / "disagree.py").write_text(DISAGREE)
+    _launch([str(tmp_path / "disagree.py"), str(tmp_path / "cfg.json"), str(tmp_path / "run"),
+             str(tmp_path)], timeout=90)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [3, 3]
+    assert _losses(tmp_path / "run") and len(_losses(tmp_path / "run")) == 3
+
+
+def _launch(args: list[str], env_extra: dict[str, str] | None = None, timeout: int = 180
+            ) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=2 ARGS`` on CPU (one thread per process)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env_extra or {})}
     src = str(Path(metattn.__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "metattn", "train", str(cfg_path), "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+           *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
-def test_two_processes_equal_one_and_resume_on_one(tmp_path):
+def _torchrun(cfg_path: Path, out: Path, spy: Path | None = None
+              ) -> subprocess.CompletedProcess:
+    target, extra = ["-m", "metattn"], {}
+    if spy is not None:
+        spy.mkdir()
+        (spy / "spy.py").write_text(SPY)
+        extra["SPY_DIR"] = str(spy)
+        target = [str(spy / "spy.py")]
+    return _launch([*target, "train", str(cfg_path), "--out", str(out)], extra)
+
+
+def test_two_processes_equal_one_and_resume_on_one(tmp_path, monkeypatch):
     cfg_path = tmp_path / "ddp.yaml"
     cfg_path.write_text(yaml.safe_dump(CFG))
     two = tmp_path / "two"
-    proc = _torchrun(cfg_path, two)
+    proc = _torchrun(cfg_path, two, spy=tmp_path / "spy")
     assert "2 process(es)" in proc.stdout
     assert proc.stdout.count("test loss") == 1  # only rank 0 reports
+    # the work is split: each rank trains on its own half of every meta-batch of 4
+    ranks = [json.loads((tmp_path / "spy" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [len(r) for r in ranks] == [3, 3]  # one training meta_loss per step
+    for r0, r1 in zip(*ranks):
+        assert len(r0) == len(r1) == 2
+        assert not set(r0) & set(r1)
 
     one = tmp_path / "one"
+    seen: list[list[float]] = []
+    meta_loss = MAML.meta_loss
+
+    def spy(self, batch, *args, **kwargs):
+        if self.training:
+            seen.append([float(x.sum()) for x in batch.support_x])
+        return meta_loss(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(MAML, "meta_loss", spy)
     train(_cfg(3), one)
+    monkeypatch.undo()
+    # rank 0 took the first half of the single process's meta-batch, rank 1 the second
+    assert [r0 + r1 for r0, r1 in zip(*ranks)] == seen
     _assert_same(_model(two), _model(one))
     # rank 0 logs whole-batch metrics (averaged over the ranks' slices)
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-9, abs=1e-12)

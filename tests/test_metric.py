@@ -175,6 +175,49 @@ def test_matching_fce_attention_rows_sum_to_one() -> None:
     assert not torch.allclose(one.attention(b.support_x[0], b.support_y[0], b.query_x[0]), a)
 
 
+def _lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh):
+    """The LSTM equations written out (PyTorch's gate order: input, forget, cell, output)."""
+    i, f, g, o = (w_ih @ x + b_ih + w_hh @ h + b_hh).chunk(4)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def test_matching_fce_matches_the_equations_by_hand() -> None:
+    """Full-context embeddings against the paper's appendix written out one support example
+    and one query at a time: g(x_i) = g'(x_i) + forward + backward LSTM states, and the
+    attention LSTM's K read steps for f."""
+    torch.manual_seed(0)
+    D, T, S, Q, K = 3, 2, 4, 3, 3
+    learner = MatchingNet(nn.Identity(), fce=True, dim=D, fce_steps=K).double()
+    zs, zq = torch.randn(T, S, D, dtype=torch.float64), torch.randn(T, Q, D, dtype=torch.float64)
+    g_lib, f_lib = learner.context(zs, zq)
+    L, C = learner.g_lstm, learner.f_cell
+    fwd = (L.weight_ih_l0, L.weight_hh_l0, L.bias_ih_l0, L.bias_hh_l0)
+    bwd = (L.weight_ih_l0_reverse, L.weight_hh_l0_reverse, L.bias_ih_l0_reverse,
+           L.bias_hh_l0_reverse)
+    for t in range(T):
+        states_f, states_b = [], [None] * S
+        h = c = torch.zeros(D, dtype=torch.float64)
+        for i in range(S):
+            h, c = _lstm_cell(zs[t, i], h, c, *fwd)
+            states_f.append(h)
+        h = c = torch.zeros(D, dtype=torch.float64)
+        for i in reversed(range(S)):
+            h, c = _lstm_cell(zs[t, i], h, c, *bwd)
+            states_b[i] = h
+        g = torch.stack([zs[t, i] + states_f[i] + states_b[i] for i in range(S)])
+        torch.testing.assert_close(g_lib[t], g, rtol=1e-12, atol=1e-12)
+        for j in range(Q):
+            fx = zq[t, j]
+            h, c = fx, torch.zeros(D, dtype=torch.float64)
+            for _ in range(K):
+                r = torch.softmax(g @ h, 0) @ g  # read from the support set with h_{k-1}
+                h_hat, c = _lstm_cell(torch.cat([fx, r]), h, c, C.weight_ih, C.weight_hh,
+                                      C.bias_ih, C.bias_hh)
+                h = h_hat + fx
+            torch.testing.assert_close(f_lib[t, j], h, rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------- FEAT
 def test_feat_regulariser_contributes() -> None:
     torch.manual_seed(0)

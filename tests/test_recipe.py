@@ -18,7 +18,7 @@ from metattn import checkpoint
 from metattn.cli import main
 from metattn.config import from_dict, load
 from metattn.errors import CheckpointError, ConfigError
-from metattn.train import TrainingError, train
+from metattn.train import TimeBudget, TrainingError, train
 
 TINY = {
     "name": "tiny",
@@ -31,6 +31,8 @@ TINY = {
               "tensorboard": False},
     "eval": {"episodes": 50, "task": {"k_query": 20}},
 }
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def write_cfg(tmp_path: Path, **changes) -> Path:
@@ -408,3 +410,80 @@ def test_demo_checks_both_configs_before_training(tmp_path, capsys):
     assert demo(["--out", str(tmp_path / "d"), "--icl-set", "train.stpes=5"]) == 2
     assert "train.stpes" in capsys.readouterr().err
     assert not (tmp_path / "d" / "maml").exists()  # nothing was trained
+
+
+def test_budget_stops_and_fits_the_schedule():
+    cfg = load(CONFIGS / "omniglot_5w1s_protonet_cpu.yaml",
+               ["train.steps=1000", "train.schedule=cosine"])
+    cb = TimeBudget(cfg, seconds=100.0, fit_schedule=True)
+    cb(10, {"seconds": 2.0})  # before a tenth of the budget: no fit yet
+    assert cfg.train.steps == 1000
+    cb(50, {"seconds": 10.0})  # the reference point for the time per step
+    cb(60, {"seconds": 12.0})  # 0.2 s/step since then -> 60 + 88 / 0.2 = 500
+    assert cfg.train.steps == 500 and cb.stopped_by_budget
+    cb(110, {"seconds": 16.0})  # faster now: 0.1 s/step since step 50 -> 110 + 84 / 0.1
+    assert cfg.train.steps == 950
+    cb(150, {"seconds": 30.0})  # slower again: 0.2 s/step -> 150 + 70 / 0.2 = 500
+    assert cfg.train.steps == 500
+    cb(300, {"seconds": 55.0})  # faster (-> 550), but past half the budget: no growing
+    assert cfg.train.steps == 500
+    cb(490, {"seconds": 98.0})  # the horizon is the end: never pushed past the budget
+    assert cfg.train.steps == 490 + int(2.0 / (88.0 / 440))
+    cb(500, {"seconds": 100.5})
+    assert cfg.train.steps == 500
+    # a horizon reached with time left still ends the run (the rate has reached zero)
+    cfg = load(CONFIGS / "omniglot_5w1s_protonet_cpu.yaml",
+               ["train.steps=1000", "train.schedule=cosine"])
+    cb = TimeBudget(cfg, seconds=100.0)
+    cb(50, {"seconds": 10.0})
+    cb(100, {"seconds": 20.0})  # 0.2 s/step -> 100 + 80 / 0.2 = 500
+    assert cfg.train.steps == 500
+    cb(500, {"seconds": 40.0})  # much faster since, but step 500 is the end
+    assert cfg.train.steps == 500
+    cfg = load(CONFIGS / "omniglot_5w1s_protonet_cpu.yaml", ["train.steps=300"])
+    cb = TimeBudget(cfg, seconds=100.0, fit_schedule=True)
+    cb(50, {"seconds": 10.0})
+    cb(60, {"seconds": 12.0})  # never above the config's steps
+    assert cfg.train.steps == 300 and not cb.stopped_by_budget
+    cb(300, {"seconds": 60.0})  # the config's length reached: the run ends, budget or not
+    assert cfg.train.steps == 300 and not cb.stopped_by_budget
+
+
+def test_budget_ignores_a_slow_start_and_never_overruns():
+    cfg = load(CONFIGS / "omniglot_5w1s_protonet_cpu.yaml",
+               ["train.steps=100000", "train.schedule=cosine", "train.log_every=10"])
+    cb = TimeBudget(cfg, seconds=100.0, fit_schedule=True)
+    cb(10, {"seconds": 12.0})  # a 12 s warm-up in the first 10 steps, then 0.1 s/step
+    cb(20, {"seconds": 13.0})
+    assert cfg.train.steps in (889, 890)  # 20 + 87 / 0.1, not 10 + 88 / 1.2 = 83
+    # a constant schedule: the run ends where the budget runs out, not up to log_every later
+    cfg = load(CONFIGS / "omniglot_5w1s_protonet_cpu.yaml",
+               ["train.steps=100000", "train.schedule=constant", "train.log_every=10"])
+    cb = TimeBudget(cfg, seconds=100.0, fit_schedule=True)
+    cb(10, {"seconds": 10.0})
+    cb(20, {"seconds": 20.0})
+    cb(90, {"seconds": 90.0})
+    assert cfg.train.steps == 100000
+    cb(95, {"seconds": 95.5})  # 1 s/step: 4 steps left, the next call would be at 105
+    assert cfg.train.steps == 99 and cb.stopped_by_budget
+
+
+def test_time_budget_ends_a_real_run_and_it_is_evaluated(tmp_path):
+    cfg = from_dict(json.loads(json.dumps(TINY)))
+    cfg.train.steps, cfg.train.eval_every, cfg.train.schedule = 100_000, 0, "cosine"
+    cfg.train.checkpoint_every = 50
+    budget = TimeBudget(cfg, seconds=1.0)
+    run = tmp_path / "run"
+    summary = train(cfg, run, callbacks=[budget])
+    assert budget.stopped_by_budget and 20 <= summary["steps"] < 100_000
+    assert summary["seconds"] < 1.0 + 0.5  # the last step may finish after the budget
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    lrs = [x["lr"] for x in lines if x["kind"] == "train"]
+    # the schedule followed the fitted horizon: the rate ran down to (almost) zero
+    assert lrs[-1] < 0.05 * cfg.train.lr < max(lrs)
+    # config.yaml holds the fitted horizon, so --resume from it is accepted
+    saved = load(run / "config.yaml")
+    assert saved.train.steps == summary["steps"]
+    train(saved, run, resume=True)
+    with pytest.raises(ConfigError, match="seconds"):
+        TimeBudget(cfg, seconds=0)

@@ -268,6 +268,62 @@ class _Logger:
                 self.tb.close()
 
 
+class TimeBudget:
+    """Callback for :func:`train`: end the run within ``seconds`` of TRAINING time (the
+    recipe's ``seconds``: meta-steps with sampling; evaluation and checkpoints excluded) by
+    lowering ``cfg.train.steps`` in place, so the recipe ends its loop normally, saves and
+    evaluates.
+
+    With a cosine schedule and ``fit_schedule``, the schedule's horizon also moves to the
+    step where the budget is projected to run out, so the learning rate reaches zero when
+    time does, on any machine. The time per step is measured from a reference point after the
+    first 5% of the budget (slow warm-up steps do not count); the horizon is fitted once a
+    tenth of the budget has passed and re-fitted at every call, never past the config's
+    steps. Until half of the budget it may grow as well as shrink (a horizon that could only
+    shrink ended runs early when the steps sped up: a ViT run stopped at 73 of 90 s); from
+    then on it only shrinks, so the rate never rises late in the run. The warm-up is the
+    config's: a horizon fitted below ``train.warmup_steps`` never reaches the base rate.
+    Under torchrun rank 0's clock decides for every rank.
+    Without a fitted schedule the run ends at the step where the budget runs out, when that
+    comes before the next call. The recipe calls it every ``train.log_every`` steps, so keep
+    that small (e.g. 10) for a tight budget. ``stopped_by_budget`` says whether it cut the run.
+    """
+
+    def __init__(self, cfg: RunConfig, seconds: float, fit_schedule: bool = True):
+        if not seconds > 0:
+            raise ConfigError(f"TimeBudget: seconds={seconds}; give a positive budget")
+        self.cfg = cfg
+        self.seconds = float(seconds)
+        self.cap = cfg.train.steps
+        self.fit = fit_schedule and cfg.train.schedule == "cosine"
+        self.ref: tuple[int, float] | None = None  # (step, seconds) once warm-up is behind
+        self.stopped_by_budget = False
+
+    def __call__(self, step: int, vals: dict[str, float]) -> None:
+        elapsed = float(vals["seconds"])
+        if step >= self.cap:  # the config's own length reached first: the run ends there
+            return
+        if self.ref is None and elapsed >= 0.05 * self.seconds:
+            self.ref = (step, elapsed)
+        steady = self.ref is not None and step > self.ref[0]
+        per_step = ((elapsed - self.ref[1]) / (step - self.ref[0]) if steady
+                    else elapsed / max(step, 1))
+        # the step at which the budget runs out at this rate
+        projected = step + int(max(self.seconds - elapsed, 0.0) / max(per_step, 1e-9))
+        steps = self.cfg.train.steps
+        if self.fit and steady and elapsed >= 0.1 * self.seconds:
+            if step < steps:  # (a horizon reached is the end, even with time left)
+                # growing raises the rate a little: allowed only in the first half, where
+                # the rate is high anyway; later the horizon may only shrink
+                grow = elapsed < 0.5 * self.seconds
+                steps = min(self.cap, projected) if grow else min(steps, self.cap, projected)
+        elif projected < step + self.cfg.train.log_every:
+            # the budget runs out before the next call (every log_every steps): end there
+            steps = min(steps, projected)
+        self.cfg.train.steps = max(steps, step)  # the recipe's loop ends there, saves, evaluates
+        self.stopped_by_budget = self.cfg.train.steps < self.cap
+
+
 class _Progress:
     """A rich progress bar on rank 0 (quiet when disabled or not on a terminal)."""
 
@@ -320,9 +376,11 @@ def train(
 ) -> dict[str, Any]:
     """Meta-train ``cfg`` into ``out_dir``; returns the summary (also in summary.json).
 
-    ``callbacks`` are called as ``cb(step, metrics)`` after each completed meta-step. Under
-    ``torchrun`` it joins (and at the end leaves) the process group; every rank returns the
-    summary, rank 0 writes the files.
+    ``callbacks`` are called as ``cb(step, metrics)`` at every logged step (each
+    ``train.log_every`` steps and the last) and may change ``cfg.train.steps`` (e.g.
+    :class:`TimeBudget`); under ``torchrun`` every rank calls them and rank 0's
+    ``train.steps`` holds. Under ``torchrun`` it joins (and at the end leaves) the process
+    group; every rank returns the summary, rank 0 writes the files.
     """
     if cfg.train.threads:
         # tiny models (the sinusoid MLP) run faster on one CPU thread than on two
@@ -439,6 +497,8 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
     per_rank = cfg.train.meta_batch // world
     amp = torch.bfloat16 if cfg.train.autocast == "bf16" else None  # fp16: rejected by config
 
+    written_config = [dump(cfg).encode()]
+
     def save(step: int) -> None:
         if not is_main:
             return
@@ -458,6 +518,12 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                         {"task_generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
                          **({"cuda_rng": torch.cuda.get_rng_state(device)}
                             if device.type == "cuda" else {})})
+        # a callback (e.g. TimeBudget) may have moved train.steps: config.yaml follows the
+        # checkpoint, so ``--resume`` from it continues the same schedule
+        text = dump(cfg).encode()
+        if text != written_config[0]:
+            checkpoint.atomic_write_bytes(run_dir / "config.yaml", text)
+            written_config[0] = text
 
     # Ctrl-C: finish the current step, checkpoint, then stop (a second Ctrl-C stops at once).
     stop_requested = False
@@ -541,6 +607,10 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                 window, t_window, tasks_window = {}, now, 0
                 for cb in callbacks or []:
                     cb(step, vals)
+                if callbacks and world > 1:
+                    # rank 0's decision (e.g. a TimeBudget on its own clock) holds for every
+                    # rank: the same schedule, and no rank left alone in a collective
+                    cfg.train.steps = _share(cfg.train.steps, world)
 
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 \
                     and step < cfg.train.steps:

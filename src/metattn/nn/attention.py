@@ -65,7 +65,8 @@ def record_attention() -> Iterator[list[tuple[nn.Module, torch.Tensor]]]:
 
     Weights have shape ``[..., heads, L_q, L_k]`` and are detached. Recording forces the
     math path, which computes the weights explicitly, and MAML's per-task loop (not vmap), so
-    each task's weights come out as their own entries.
+    each task's weights come out as their own entries. Modules run through ``torch.compile``
+    record nothing (compiled code cannot read the recorder).
     """
     store: list[tuple[nn.Module, torch.Tensor]] = []
     token = _RECORDER.set(store)
@@ -75,15 +76,26 @@ def record_attention() -> Iterator[list[tuple[nn.Module, torch.Tensor]]]:
         _RECORDER.reset(token)
 
 
+def _recorder() -> list | None:
+    # torch.compile cannot trace ContextVar.get (a graph break in every layer), and a compiled
+    # graph could not honour a flag it was not traced with: compiled code neither records nor
+    # takes a second derivative (torch.compile has no double backward).
+    return None if torch.compiler.is_compiling() else _RECORDER.get()
+
+
+def _double_backward() -> bool:
+    return False if torch.compiler.is_compiling() else _DOUBLE_BACKWARD.get()
+
+
 def recording() -> bool:
     """Whether a :func:`record_attention` block is active (MAML then loops over tasks: weights
     recorded inside vmap could not leave it)."""
-    return _RECORDER.get() is not None
+    return _recorder() is not None
 
 
 def fused_allowed(need_weights: bool) -> bool:
     """The rule for the fused kernel: no weights wanted and no second derivative coming."""
-    return not need_weights and not _DOUBLE_BACKWARD.get() and not recording()
+    return not need_weights and not _double_backward() and not recording()
 
 
 def scaled_dot_product_attention(
@@ -208,7 +220,7 @@ class MultiHeadAttention(nn.Module):
         else:
             (q,) = self._fused((self.q_proj,), x)
             k, v = self._fused((self.k_proj, self.v_proj), context)
-        recorder = _RECORDER.get()
+        recorder = _recorder()
         want = need_weights or recorder is not None
         out, weights = scaled_dot_product_attention(
             q,
