@@ -487,3 +487,22 @@ def test_time_budget_ends_a_real_run_and_it_is_evaluated(tmp_path):
     train(saved, run, resume=True)
     with pytest.raises(ConfigError, match="seconds"):
         TimeBudget(cfg, seconds=0)
+
+
+def test_max_seconds_from_the_cli_ends_on_time_and_resumes(tmp_path):
+    cfg = write_cfg(tmp_path, train__steps=100_000, train__eval_every=0,
+                    train__schedule="cosine", train__checkpoint_every=100, train__log_every=5)
+    out = tmp_path / "run"
+    args = ["train", str(cfg), "--out", str(out), "--set", "train.max_seconds=1.0"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert 10 <= summary["steps"] < 100_000 and summary["seconds"] < 1.5
+    # the same command resumes: the fitted horizon is the schedule's, and the time is spent
+    assert main([*args, "--resume"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["steps"] == summary["steps"]
+    # more time: the run continues on the same (fitted) horizon, never past it
+    assert main([*args[:-1], "train.max_seconds=3.0", "--resume"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == summary["steps"]
+    with pytest.raises(ConfigError, match="max_seconds"):
+        load(cfg, ["train.max_seconds=0"])

@@ -41,6 +41,10 @@ class TrainConfig:
     eval_episodes: int = 100
     checkpoint_every: int = 1000
     target: float | None = None
+    # Training time budget in seconds (meta-steps only; evaluation and checkpoints excluded):
+    # a TimeBudget ends the run on time and fits a cosine schedule to it; train.steps is
+    # then the most steps.
+    max_seconds: float | None = None
     device: str = "auto"
     threads: int | None = None
     dtype: Literal["float32", "float64"] = "float32"
@@ -178,6 +182,9 @@ def _check_numbers(cfg: RunConfig) -> None:
     if t.eval_every > 0 and t.eval_episodes < 1:
         raise ConfigError(f"train.eval_episodes={t.eval_episodes}; it must be >= 1 when "
                           "train.eval_every > 0 (or set train.eval_every=0)")
+    if t.max_seconds is not None and not (math.isfinite(t.max_seconds) and t.max_seconds > 0):
+        raise ConfigError(f"train.max_seconds={t.max_seconds}; give a time > 0 in seconds, "
+                          "or null for no time limit")
     if t.threads is not None and t.threads < 1:
         raise ConfigError(f"train.threads={t.threads}; use a count >= 1, or null for "
                           "PyTorch's default")

@@ -30,9 +30,10 @@ from metattn.meta.base import Learner, eval_mode
 # Keys that may differ between a run and its resumption (they do not change the maths).
 # ``eval.chunk`` is not among them: with the seed it fixes which test episodes are drawn.
 # ``train.steps`` is, except under the cosine schedule, whose horizon it is (checked below).
+# ``train.max_seconds`` counts the run's total training time, resumed parts included.
 RESUMABLE_KEYS = {"train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
                   "train.progress", "train.tensorboard", "train.target", "eval.episodes",
-                  "train.eval_episodes", "train.threads", "train.device"}
+                  "train.eval_episodes", "train.threads", "train.device", "train.max_seconds"}
 
 
 class TrainingError(MetattnError, RuntimeError):
@@ -336,9 +337,9 @@ class _Progress:
         self.bar.start()
         self.task = self.bar.add_task("train", total=total, completed=start, info="")
 
-    def update(self, step: int, info: str) -> None:
+    def update(self, step: int, info: str, total: int | None = None) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, info=info)
+            self.bar.update(self.task, completed=step, info=info, total=total)
 
     def print(self, msg: str) -> None:
         if not self.main:
@@ -441,7 +442,8 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                         "--resume: the config differs from the one in the run's checkpoint in "
                         f"{diff}; only {sorted(RESUMABLE_KEYS)} may change when resuming")
                 old_steps = (saved.get("train") or {}).get("steps")
-                if cfg.train.schedule == "cosine" and old_steps != cfg.train.steps:
+                if cfg.train.schedule == "cosine" and old_steps != cfg.train.steps \
+                        and not cfg.train.max_seconds:
                     raise ConfigError(
                         f"--resume: train.steps {old_steps} -> {cfg.train.steps}, but the "
                         "cosine schedule spans train.steps, so the learning rate would jump "
@@ -471,8 +473,17 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
         if device.type == "cuda" and "extra/cuda_rng" in tensors:
             torch.cuda.set_rng_state(tensors["extra/cuda_rng"], device)
         start, elapsed, best = state["step"], state["seconds"], state.get("best")
+        saved_steps = ((state.get("config") or {}).get("train") or {}).get("steps")
+        if cfg.train.max_seconds and cfg.train.schedule == "cosine" and saved_steps:
+            # the horizon a time budget fitted is the schedule's: it continues from there
+            cfg.train.steps = int(saved_steps)
         if is_main:
             checkpoint.atomic_write_bytes(run_dir / "config.yaml", dump(cfg).encode())
+
+    if cfg.train.max_seconds:
+        callbacks = [*(callbacks or []), TimeBudget(cfg, cfg.train.max_seconds)]
+        if elapsed >= cfg.train.max_seconds:  # a resumed run whose time is already spent
+            cfg.train.steps = min(cfg.train.steps, start)
 
     model = learner
     if world > 1:
@@ -603,7 +614,8 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                 vals["seconds"] = elapsed
                 logger.log("train", step, vals)
                 info = "  ".join(f"{k} {vals[k]:.4g}" for k in ("loss", "accuracy") if k in vals)
-                progress.update(step, f"{info}  {vals['tasks_per_s']:.0f} tasks/s")
+                progress.update(step, f"{info}  {vals['tasks_per_s']:.0f} tasks/s",
+                                cfg.train.steps)
                 window, t_window, tasks_window = {}, now, 0
                 for cb in callbacks or []:
                     cb(step, vals)
