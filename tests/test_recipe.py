@@ -472,6 +472,7 @@ def test_time_budget_ends_a_real_run_and_it_is_evaluated(tmp_path):
     cfg = from_dict(json.loads(json.dumps(TINY)))
     cfg.train.steps, cfg.train.eval_every, cfg.train.schedule = 100_000, 0, "cosine"
     cfg.train.checkpoint_every = 50
+    cfg.train.max_seconds = 100.0  # a TimeBudget passed in takes the config's place
     budget = TimeBudget(cfg, seconds=1.0)
     run = tmp_path / "run"
     summary = train(cfg, run, callbacks=[budget])

@@ -480,7 +480,8 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
         if is_main:
             checkpoint.atomic_write_bytes(run_dir / "config.yaml", dump(cfg).encode())
 
-    if cfg.train.max_seconds:
+    if cfg.train.max_seconds and not any(isinstance(c, TimeBudget) for c in callbacks or []):
+        # (a TimeBudget passed by the caller, e.g. a benchmark's, takes its place)
         callbacks = [*(callbacks or []), TimeBudget(cfg, cfg.train.max_seconds)]
         if elapsed >= cfg.train.max_seconds:  # a resumed run whose time is already spent
             cfg.train.steps = min(cfg.train.steps, start)
