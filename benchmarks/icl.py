@@ -120,6 +120,7 @@ def train_for(cfg: RunConfig, out: Path, steps: int | None, seconds: float | Non
               f"{seconds:.0f} s (the budget fits the schedule)", flush=True)
     if steps is not None:
         cfg = with_steps(cfg, steps)
+        cfg.train.max_seconds = None  # the length asked for here replaces the config's
     if seconds is not None:
         cfg.train.log_every = min(cfg.train.log_every, 10)  # the budget acts at log steps
         callbacks.append(TimeBudget(cfg, seconds))

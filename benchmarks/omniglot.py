@@ -132,11 +132,10 @@ def run_one(path: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     if args.max_steps is not None:
         cfg.train.steps = min(cfg.train.steps, args.max_steps)
     callbacks = []
-    budget = None
-    if args.budget:
+    if args.budget or cfg.train.max_seconds:  # a time budget acts at log steps
         cfg.train.log_every = min(cfg.train.log_every, 10)
-        budget = recipe.TimeBudget(cfg, args.budget, args.fit_schedule)
-        callbacks.append(budget)
+    if args.budget:
+        callbacks.append(recipe.TimeBudget(cfg, args.budget, args.fit_schedule))
     run_dir = out / cfg.name
     t0 = time.perf_counter()
     if args.skip_done and (run_dir / "summary.json").is_file():
@@ -150,7 +149,9 @@ def run_one(path: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         summary = recipe.train(cfg, run_dir, callbacks=callbacks)
         wall = time.perf_counter() - t0
         summary["bench_wall_seconds"] = round(wall, 1)
-        summary["bench_stopped_by_budget"] = bool(budget and budget.stopped_by_budget)
+        # (the recipe's summary says whether a time budget, --budget or the config's
+        # train.max_seconds, ended the run)
+        summary["bench_stopped_by_budget"] = bool(summary.get("stopped_by_budget"))
         summary["bench_threads"] = torch.get_num_threads()
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     test = cfg.test_task_spec()

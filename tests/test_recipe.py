@@ -507,3 +507,26 @@ def test_max_seconds_from_the_cli_ends_on_time_and_resumes(tmp_path):
     assert json.loads((out / "summary.json").read_text())["steps"] == summary["steps"]
     with pytest.raises(ConfigError, match="max_seconds"):
         load(cfg, ["train.max_seconds=0"])
+
+
+def test_max_seconds_run_interrupted_and_resumed_with_more_time(tmp_path):
+    """Ctrl-C early in a budgeted cosine run (its horizon fitted to 0.6 s), then --resume
+    with 2 s: the horizon may still grow (the first half of the budget) up to the steps asked
+    for, so the run uses its new budget; summary.json says the budget ended it."""
+    cfg = write_cfg(tmp_path, train__steps=100_000, train__eval_every=0,
+                    train__schedule="cosine", train__checkpoint_every=0, train__log_every=5)
+    out = tmp_path / "run"
+
+    def interrupt(step, vals):
+        if vals["seconds"] >= 0.2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(load(cfg, ["train.max_seconds=0.6"]), out, callbacks=[interrupt])
+    cut = checkpoint.load(out)[1]
+    assert 0.2 <= cut["seconds"] < 0.5 and cut["config"]["train"]["steps"] < 100_000
+    assert main(["train", str(cfg), "--out", str(out), "--set", "train.max_seconds=2.0",
+                 "--resume"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seconds"] >= 1.6 and summary["stopped_by_budget"] is True
+    assert summary["max_seconds"] == 2.0

@@ -338,8 +338,14 @@ class _Progress:
         self.task = self.bar.add_task("train", total=total, completed=start, info="")
 
     def update(self, step: int, info: str, total: int | None = None) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, info=info, total=total)
+        if self.bar is None:
+            return
+        # A moved horizon (TimeBudget): rich's update(total=...) would also reset the speed
+        # estimate, leaving no time-remaining; so the task's total is set on its own.
+        task = getattr(self.bar, "_tasks", {}).get(self.task)
+        if total is not None and task is not None and task.total != total:
+            task.total = total
+        self.bar.update(self.task, completed=step, info=info)
 
     def print(self, msg: str) -> None:
         if not self.main:
@@ -399,6 +405,9 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
            callbacks: list[Callable[[int, dict[str, float]], None]] | None,
            rank: int, world: int, local_rank: int) -> dict[str, Any]:
     is_main = rank == 0
+    budget = next((c for c in callbacks or [] if isinstance(c, TimeBudget)), None)
+    if budget is not None:  # a caller's TimeBudget (e.g. a benchmark's) replaces the config's
+        cfg.train.max_seconds = budget.seconds  # and is recorded (config.yaml, checkpoint)
     device = pick_device(cfg.train.device, local_rank)
     dtype = getattr(torch, cfg.train.dtype)
     if device.type == "cuda":
@@ -435,6 +444,7 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                     import yaml
 
                     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+                    saved_ckpt[1]["config"] = saved  # (older checkpoints: for every rank)
             if saved is not None:
                 diff = config_diff(saved, cfg.to_dict(), ignore=RESUMABLE_KEYS)
                 if diff:
@@ -476,15 +486,24 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
         saved_steps = ((state.get("config") or {}).get("train") or {}).get("steps")
         if cfg.train.max_seconds and cfg.train.schedule == "cosine" and saved_steps:
             # the horizon a time budget fitted is the schedule's: it continues from there
+            # (the budget may still move it, up to the steps asked for now)
+            cap = cfg.train.steps
             cfg.train.steps = int(saved_steps)
+            if budget is None:
+                budget = TimeBudget(cfg, cfg.train.max_seconds)
+            budget.cap = max(budget.cap, cap)
         if is_main:
             checkpoint.atomic_write_bytes(run_dir / "config.yaml", dump(cfg).encode())
 
-    if cfg.train.max_seconds and not any(isinstance(c, TimeBudget) for c in callbacks or []):
-        # (a TimeBudget passed by the caller, e.g. a benchmark's, takes its place)
-        callbacks = [*(callbacks or []), TimeBudget(cfg, cfg.train.max_seconds)]
-        if elapsed >= cfg.train.max_seconds:  # a resumed run whose time is already spent
-            cfg.train.steps = min(cfg.train.steps, start)
+    if cfg.train.max_seconds and budget is None:
+        budget = TimeBudget(cfg, cfg.train.max_seconds)
+    if budget is not None and not any(c is budget for c in callbacks or []):
+        callbacks = [*(callbacks or []), budget]
+    if budget is not None and resume:
+        # the time left decides at once (not at the next log step): a run whose time is
+        # spent trains no further
+        budget(start, {"seconds": elapsed})
+        cfg.train.steps = _share(cfg.train.steps, world)
 
     model = learner
     if world > 1:
@@ -559,9 +578,10 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
 
     if is_main:
         n_params = sum(p.numel() for p in learner.parameters())
+        budget_note = "" if budget is None else f" (at most; {budget.seconds:g} s budget)"
         progress.print(f"[metattn] {cfg.name}: {type(learner).__name__} on {device} "
                        f"({n_params:,} parameters), {world} process(es), steps {start}->"
-                       f"{cfg.train.steps}, out {run_dir}")
+                       f"{cfg.train.steps}{budget_note}, out {run_dir}")
     window: dict[str, list[torch.Tensor]] = {}
     t_window, tasks_window = time.perf_counter(), 0
     if resume:
@@ -615,8 +635,6 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                 vals["seconds"] = elapsed
                 logger.log("train", step, vals)
                 info = "  ".join(f"{k} {vals[k]:.4g}" for k in ("loss", "accuracy") if k in vals)
-                progress.update(step, f"{info}  {vals['tasks_per_s']:.0f} tasks/s",
-                                cfg.train.steps)
                 window, t_window, tasks_window = {}, now, 0
                 for cb in callbacks or []:
                     cb(step, vals)
@@ -624,6 +642,8 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                     # rank 0's decision (e.g. a TimeBudget on its own clock) holds for every
                     # rank: the same schedule, and no rank left alone in a collective
                     cfg.train.steps = _share(cfg.train.steps, world)
+                progress.update(step, f"{info}  {vals['tasks_per_s']:.0f} tasks/s",
+                                cfg.train.steps)
 
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 \
                     and step < cfg.train.steps:
@@ -662,8 +682,10 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
 
     if stopping():
         raise KeyboardInterrupt
+    extra = None if budget is None else {  # a time-budgeted run: did the budget end it?
+        "max_seconds": budget.seconds, "stopped_by_budget": budget.stopped_by_budget}
     summary = final_evaluation(cfg, learner, test_tasks, run_dir, device, dtype, n_way,
-                               step, elapsed, write=is_main)
+                               step, elapsed, write=is_main, extra=extra)
     if is_main:
         from metattn.plots import training_curves
 
@@ -677,7 +699,8 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
 
 def final_evaluation(cfg: RunConfig, learner: Learner, test_tasks: Any, run_dir: Path,
                      device: torch.device, dtype: torch.dtype, n_way: int | None, step: int,
-                     seconds: float, write: bool = True, episodes: int | None = None
+                     seconds: float, write: bool = True, episodes: int | None = None,
+                     extra: dict[str, Any] | None = None
                      ) -> dict[str, Any]:
     """Evaluate on the fixed seeded test episodes and write ``summary.json``."""
     n = episodes or cfg.eval.episodes
@@ -700,6 +723,7 @@ def final_evaluation(cfg: RunConfig, learner: Learner, test_tasks: Any, run_dir:
         "device": str(device),
         "torch": torch.__version__,
         "results": res,
+        **(extra or {}),
     }
     if write:
         name = "summary.json" if episodes is None else "eval.json"
