@@ -405,9 +405,15 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
            callbacks: list[Callable[[int, dict[str, float]], None]] | None,
            rank: int, world: int, local_rank: int) -> dict[str, Any]:
     is_main = rank == 0
+    # The time budget: a caller's TimeBudget (e.g. a benchmark's) replaces the config's and is
+    # recorded as train.max_seconds. Made before a resume adopts a fitted horizon, so its cap
+    # is the steps asked for now (the horizon may still grow within the first half).
     budget = next((c for c in callbacks or [] if isinstance(c, TimeBudget)), None)
-    if budget is not None:  # a caller's TimeBudget (e.g. a benchmark's) replaces the config's
-        cfg.train.max_seconds = budget.seconds  # and is recorded (config.yaml, checkpoint)
+    if budget is not None:
+        cfg.train.max_seconds = budget.seconds
+    elif cfg.train.max_seconds:
+        budget = TimeBudget(cfg, cfg.train.max_seconds)
+        callbacks = [*(callbacks or []), budget]
     device = pick_device(cfg.train.device, local_rank)
     dtype = getattr(torch, cfg.train.dtype)
     if device.type == "cuda":
@@ -419,6 +425,16 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                           f"{world} processes; use a multiple of {world}")
     run_dir = Path(out_dir)
     ckpt_path = run_dir / checkpoint.WEIGHTS
+    written_config: list[bytes | None] = [None]
+
+    def write_config() -> None:
+        """``config.yaml`` = the config as run now (rank 0; rewritten only when it changed: a
+        callback such as TimeBudget may move train.steps, and ``--resume`` from the file
+        must continue the same schedule)."""
+        text = dump(cfg).encode()
+        if is_main and text != written_config[0]:
+            checkpoint.atomic_write_bytes(run_dir / "config.yaml", text)
+            written_config[0] = text
 
     # --- the run directory: new, or resumed. Rank 0 decides; every rank raises its error.
     error: Exception | None = None
@@ -461,7 +477,7 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                         "(--out NEW_DIR) with the longer schedule")
             run_dir.mkdir(parents=True, exist_ok=True)
             if not resume:  # a resume writes it once the checkpoint has been restored
-                checkpoint.atomic_write_bytes(run_dir / "config.yaml", dump(cfg).encode())
+                write_config()
         except MetattnError as err:
             error = err
     _agree(error, world)
@@ -484,26 +500,16 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
             torch.cuda.set_rng_state(tensors["extra/cuda_rng"], device)
         start, elapsed, best = state["step"], state["seconds"], state.get("best")
         saved_steps = ((state.get("config") or {}).get("train") or {}).get("steps")
-        if cfg.train.max_seconds and cfg.train.schedule == "cosine" and saved_steps:
+        if budget is not None and cfg.train.schedule == "cosine" and saved_steps:
             # the horizon a time budget fitted is the schedule's: it continues from there
-            # (the budget may still move it, up to the steps asked for now)
-            cap = cfg.train.steps
+            # (the budget may still move it, up to its cap: the steps asked for now)
             cfg.train.steps = int(saved_steps)
-            if budget is None:
-                budget = TimeBudget(cfg, cfg.train.max_seconds)
-            budget.cap = max(budget.cap, cap)
-        if is_main:
-            checkpoint.atomic_write_bytes(run_dir / "config.yaml", dump(cfg).encode())
-
-    if cfg.train.max_seconds and budget is None:
-        budget = TimeBudget(cfg, cfg.train.max_seconds)
-    if budget is not None and not any(c is budget for c in callbacks or []):
-        callbacks = [*(callbacks or []), budget]
-    if budget is not None and resume:
-        # the time left decides at once (not at the next log step): a run whose time is
-        # spent trains no further
-        budget(start, {"seconds": elapsed})
-        cfg.train.steps = _share(cfg.train.steps, world)
+        if budget is not None:
+            # the time left decides at once (not at the next log step): a run whose time is
+            # spent trains no further
+            budget(start, {"seconds": elapsed})
+            cfg.train.steps = _share(cfg.train.steps, world)
+        write_config()
 
     model = learner
     if world > 1:
@@ -528,8 +534,6 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
     per_rank = cfg.train.meta_batch // world
     amp = torch.bfloat16 if cfg.train.autocast == "bf16" else None  # fp16: rejected by config
 
-    written_config = [dump(cfg).encode()]
-
     def save(step: int) -> None:
         if not is_main:
             return
@@ -549,12 +553,7 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                         {"task_generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
                          **({"cuda_rng": torch.cuda.get_rng_state(device)}
                             if device.type == "cuda" else {})})
-        # a callback (e.g. TimeBudget) may have moved train.steps: config.yaml follows the
-        # checkpoint, so ``--resume`` from it continues the same schedule
-        text = dump(cfg).encode()
-        if text != written_config[0]:
-            checkpoint.atomic_write_bytes(run_dir / "config.yaml", text)
-            written_config[0] = text
+        write_config()  # follows the checkpoint (a callback may have moved train.steps)
 
     # Ctrl-C: finish the current step, checkpoint, then stop (a second Ctrl-C stops at once).
     stop_requested = False
