@@ -23,8 +23,15 @@ The plain loop is always timed in the same run, so ``vs plain`` compares like wi
 ``norm.`` column rescales our seconds to that machine through the plain loop
 (``ours / plain_ours * plain_anchor``).
 
+On CUDA, ``--cuda-graph`` runs metattn's methods through :class:`metattn.perf.CUDAGraphStep`
+(the whole meta-step captured once and replayed; its parameter updates are checked against
+eager steps), ``--check-finite off`` drops MAML's per-step NaN check (a host sync),
+``--autocast bf16`` runs the meta-loss under autocast and ``--profile`` prints torch.profiler
+tables: kernels per meta-step and how much of the wall time the device is busy.
+
     python benchmarks/throughput.py --workload conv4 --iters 5 --warmup 1 --threads 2
     python benchmarks/throughput.py --device cuda --tf32 on --json out.json
+    python benchmarks/throughput.py --device cuda --tf32 on --methods vmap --no-plain --cuda-graph
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import metattn as mt
+from metattn.perf import CUDAGraphStep
 
 METHODS = ("vmap", "loop", "auto", "plain", "higher")
 
@@ -138,29 +146,34 @@ def higher_step(model: torch.nn.Module, batch: mt.TaskBatch, lr: float, steps: i
 
 
 def make_method(name: str, model: torch.nn.Module, wl: Workload, chunk_size: int | None,
-                checkpoint: bool):
-    """(step function that accumulates meta-gradients into .grad, params for the optimiser)."""
+                checkpoint: bool, check_finite: bool = True, autocast: str = "none"):
+    """(step function that accumulates meta-gradients into .grad, params for the optimiser,
+    the metattn learner or None)."""
     ctx = mt.double_backward if wl.double_backward else nullcontext
     if name in ("vmap", "loop", "auto"):
         vec = {"vmap": True, "loop": False, "auto": "auto"}[name]
         kw = {"checkpoint": True} if checkpoint else {}
         learner = mt.MAML(model, inner_lr=wl.inner_lr, inner_steps=wl.inner_steps,
-                          first_order=False, vectorize=vec, chunk_size=chunk_size, **kw)
+                          first_order=False, vectorize=vec, chunk_size=chunk_size,
+                          check_finite=check_finite, **kw)
+        dev = next(model.parameters()).device.type
 
         def step(batch):
-            loss, _ = learner.meta_loss(batch)
+            with (torch.autocast(dev, dtype=torch.bfloat16) if autocast == "bf16"
+                  else nullcontext()):
+                loss, _ = learner.meta_loss(batch)
             loss.backward()
-        return step, list(learner.parameters())
+        return step, list(learner.parameters()), learner
     if name == "plain":
         def step(batch):
             with ctx():
                 plain_step(model, batch, wl.inner_lr, wl.inner_steps)
-        return step, list(model.parameters())
+        return step, list(model.parameters()), None
     if name == "higher":
         def step(batch):
             with ctx():
                 higher_step(model, batch, wl.inner_lr, wl.inner_steps)
-        return step, list(model.parameters())
+        return step, list(model.parameters()), None
     raise ValueError(name)
 
 
@@ -238,17 +251,29 @@ class Runner:
                  device: torch.device):
         self.name, self.device = name, device
         self.model = copy.deepcopy(base)
-        self.step, params = make_method(name, self.model, wl, args.chunk_size, args.checkpoint)
-        self.opt = torch.optim.Adam(params, lr=1e-3, foreach=True)
+        ours = name in ("vmap", "loop", "auto")
+        self.graphed = bool(args.cuda_graph and ours and device.type == "cuda")
+        self.step, params, learner = make_method(
+            name, self.model, wl, args.chunk_size, args.checkpoint,
+            check_finite=args.check_finite == "on", autocast=args.autocast if ours else "none")
+        self.opt = torch.optim.Adam(params, lr=1e-3, foreach=True, capturable=self.graphed)
+        # metattn.perf.CUDAGraphStep: 2 eager warm-up steps, the capture at the 3rd
+        self.graph_step = CUDAGraphStep(
+            learner, self.opt, warmup=2,
+            autocast=torch.bfloat16 if args.autocast == "bf16" else None) if self.graphed \
+            else None
         self.times: list[float] = []
         self.cpu_times: list[float] = []
 
     def iteration(self, batch: mt.TaskBatch, record: bool) -> None:
         sync(self.device)
         t0, c0 = time.perf_counter(), time.process_time()
-        self.opt.zero_grad(set_to_none=True)
-        self.step(batch)
-        self.opt.step()
+        if self.graph_step is not None:
+            self.graph_step(batch)
+        else:
+            self.opt.zero_grad(set_to_none=True)
+            self.step(batch)
+            self.opt.step()
         sync(self.device)
         if record:
             self.times.append(time.perf_counter() - t0)
@@ -263,8 +288,8 @@ def time_methods(names: list[str], wl: Workload, base: torch.nn.Module,
     runners = []
     for name in names:
         r = Runner(name, wl, base, args, device)
-        with PeakMemory(device) as mem:
-            for i in range(max(args.warmup, 1)):
+        with PeakMemory(device) as mem:  # a CUDA graph is captured within the warm-up
+            for i in range(max(args.warmup, 3 if r.graphed else 1)):
                 r.iteration(batches[i % len(batches)], record=False)
         r.peak_mb = mem.mb
         runners.append(r)
@@ -272,14 +297,80 @@ def time_methods(names: list[str], wl: Workload, base: torch.nn.Module,
     for i in range(args.iters):
         for r in runners:
             r.iteration(batches[i % len(batches)], record=True)
+    if args.profile:
+        for r in runners:
+            if r.name != "plain" or len(runners) == 1:
+                try:
+                    profile(r, batches, wl.name)
+                except Exception as e:  # a profiler failure must not lose the timings
+                    print(f"profile of {r.name} failed: {e!r}", flush=True)
     rows = []
     for r in runners:
         med = statistics.median(r.times)
         # process CPU seconds: with 1 thread, a load-independent measure of the work done
         rows.append({"method": r.name, "s_per_it": med, "it_per_s": 1 / med,
                      "tasks_per_s": wl.meta_batch / med, "peak_mb": r.peak_mb,
-                     "times": r.times, "cpu_s_per_it": statistics.median(r.cpu_times)})
+                     "times": r.times, "cpu_s_per_it": statistics.median(r.cpu_times),
+                     "graph_vs_eager": graph_check(wl, base, batches, args)
+                     if r.graphed else None})
     return rows
+
+
+def graph_check(wl: Workload, base: torch.nn.Module, batches: list[mt.TaskBatch], args,
+                steps: int = 4) -> float:
+    """Parameter updates after ``steps`` meta-steps through ``CUDAGraphStep`` (1 eager
+    warm-up, the capture, replays) against eager steps from the same start and batches:
+    max |graphed - eager| / max |eager|."""
+    updates = []
+    for graphed in (False, True):
+        model = copy.deepcopy(base)
+        step, params, learner = make_method("vmap", model, wl, args.chunk_size,
+                                            args.checkpoint, check_finite=False,
+                                            autocast=args.autocast)
+        opt = torch.optim.Adam(params, lr=1e-3, foreach=True, capturable=True)
+        start = [p.detach().clone() for p in params]
+        stepper = CUDAGraphStep(learner, opt, warmup=1,
+                                autocast=torch.bfloat16 if args.autocast == "bf16" else None)
+        for i in range(steps):
+            if graphed:
+                stepper(batches[i % len(batches)])
+            else:
+                opt.zero_grad(set_to_none=True)
+                step(batches[i % len(batches)])
+                opt.step()
+        updates.append([p.detach() - s0 for p, s0 in zip(params, start, strict=True)])
+    eager, graph = updates
+    num = max(float((a - b).abs().max()) for a, b in zip(graph, eager, strict=True))
+    return num / max(float(b.abs().max()) for b in eager)
+
+
+def profile(r: Runner, batches: list[mt.TaskBatch], wl_name: str, iters: int = 3) -> None:
+    """torch.profiler over ``iters`` iterations of one method: the kernels that take the
+    device time, and device time per iteration against wall time (how busy the device is)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if r.device.type == "cuda" else [])
+    sync(r.device)
+    t0 = time.perf_counter()
+    with tprofile(activities=acts) as prof:
+        for i in range(iters):
+            r.iteration(batches[i % len(batches)], record=False)
+    wall = (time.perf_counter() - t0) / iters
+    ev = prof.key_averages()
+    key = "self_device_time_total" if hasattr(ev[0], "self_device_time_total") else \
+        "self_cuda_time_total"
+    # the kernels alone (ops carry their kernels' time too: summing both counts it twice)
+    kernels = [e for e in ev if e.device_type.name == "CUDA"
+               and not getattr(e, "is_user_annotation", False)]
+    dev_us = sum(getattr(e, key, 0.0) for e in kernels) / iters
+    launches = sum(e.count for e in kernels) // iters
+    print(f"\n### profile: {wl_name} {r.name}, {iters} iterations under the profiler: "
+          f"{wall * 1000:.1f} ms wall/it, {dev_us / 1000:.1f} ms of kernels/it "
+          f"(device busy {100 * dev_us / 1000 / max(wall * 1000, 1e-9):.0f}% of the wall "
+          f"time), {launches} kernels/it")
+    sort = key if r.device.type == "cuda" else "self_cpu_time_total"
+    print(ev.table(sort_by=sort, row_limit=18, max_name_column_width=60))
 
 
 def grad_check(name: str, wl: Workload, base: torch.nn.Module, batch: mt.TaskBatch,
@@ -291,7 +382,7 @@ def grad_check(name: str, wl: Workload, base: torch.nn.Module, batch: mt.TaskBat
                                                        batch.query_x, batch.query_y)),
                      n_way=batch.n_way)
     b = b.to(b.support_x.device, torch.float64)
-    step, _ = make_method(name, model, wl, args.chunk_size, args.checkpoint)
+    step, _, _ = make_method(name, model, wl, args.chunk_size, args.checkpoint)
     model.zero_grad(set_to_none=True)
     step(b)
     g = [p.grad.detach().clone() for p in model.parameters()]
@@ -356,7 +447,9 @@ def print_table(res: dict, header: dict) -> None:
     best = min(anchors.values()) if anchors else None
     print(f"\n## {res['workload']} (meta-batch {res['meta_batch']}, {res['inner_steps']} inner "
           f"step(s), second order) on {header['device']}, torch {header['torch']}, "
-          f"{header['dtype']}, tf32 {header['tf32']}, malloc {header['malloc']}")
+          f"{header['dtype']}, tf32 {header['tf32']}, malloc {header['malloc']}, check_finite "
+          f"{header['check_finite']}, autocast {header['autocast']}, cuda_graph "
+          f"{header['cuda_graph']}")
     print(f"| method | s/it (median of {header['iters']}) | it/s | tasks/s | peak MB | "
           "vs plain | norm. s/it | grad diff (fp64) | CPU s/it | CPU vs plain |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -375,6 +468,11 @@ def print_table(res: dict, header: dict) -> None:
         print(f"anchors ({ANCHOR_MACHINE[dev]}, REFERENCES.md, s/it): " +
               ", ".join(f"{k} {v}" for k, v in anchors.items()) +
               f"; best {best}; 1.5x the best = {best / 1.5:.3f} norm. s/it")
+    for r in res["rows"]:
+        if r.get("graph_vs_eager") is not None:
+            print(f"{r['method']}: CUDA graph (metattn.perf.CUDAGraphStep) vs eager, parameter "
+                  f"updates after 4 meta-steps: max rel diff {r['graph_vs_eager']:.1e} (the "
+                  "fp64 gradient check above is of the eager path)")
     if res["skipped"]:
         print(f"skipped (not importable): {res['skipped']}")
 
@@ -394,6 +492,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-size", type=int, default=None, help="metattn vmap chunk_size")
     p.add_argument("--checkpoint", action="store_true",
                    help="metattn: checkpoint each inner step (memory does not grow with steps)")
+    p.add_argument("--check-finite", default="on", choices=["on", "off"],
+                   help="metattn: MAML's per-step NaN check (a device sync on GPUs)")
+    p.add_argument("--autocast", default="none", choices=["none", "bf16"],
+                   help="metattn: run the meta-loss under torch.autocast")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="metattn on CUDA: capture the whole meta-step (inner loop, double "
+                        "backward, Adam capturable) in one CUDA graph and replay it")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler tables of metattn's methods after the timing")
     p.add_argument("--no-plain", action="store_true",
                    help="skip the plain-loop reference (no ratios, no gradient check)")
     p.add_argument("--check-tasks", type=int, default=4,
@@ -422,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.allow_tf32 = tf32
     header = {"device": device_name(device), "device_type": device.type,
               "torch": torch.__version__, "dtype": args.dtype, "tf32": args.tf32,
+              "check_finite": args.check_finite, "autocast": args.autocast,
+              "cuda_graph": args.cuda_graph,
               "iters": args.iters, "warmup": args.warmup, "threads": torch.get_num_threads(),
               "python": platform.python_version(),
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "malloc": malloc}

@@ -534,3 +534,23 @@ def test_sinusoid_table_uses_the_given_test_tasks():
     noisy = sinusoid_mse_vs_shots(learner, shots=(5,), steps=(1,), episodes=50, k_query=20,
                                   tasks=SinusoidTasks(noise_std=2.0))
     assert noisy[5][1][0] > clean[5][1][0] + 2.0  # + noise variance 4, within sampling error
+
+
+def test_predictors_take_prompts_on_another_device_or_dtype():
+    # Prompts are drawn on the CPU in float32 while a trained learner may sit on a GPU (a run
+    # on an H100 crashed here); a float64 learner stands in for "another place": the
+    # predictors move the prompts to the learner and the prediction back to the prompt's.
+    from metattn.meta.baselines import maml_predict_fn
+    from metattn.meta.maml import MAML
+    from metattn.nn.backbones import MLP
+
+    torch.manual_seed(0)
+    icl = InContextLearner(ICLTransformer(4, d_model=16, n_layers=1, n_heads=2,
+                                          max_points=8)).double()
+    maml = MAML(MLP(4, [16], 1), inner_lr=0.05, eval_inner_steps=2).double()
+    b = LinearTasks(d=4, k_shot=6, k_query=1).sample(3, gen(0))
+    for fn in (icl.predict, maml_predict_fn(maml)):
+        out = fn(b.support_x, b.support_y, b.query_x)
+        assert out.dtype == torch.float32 and out.shape == (3, 1, 1)
+        curve = error_vs_k(fn, LinearTasks(d=4), ks=[0, 2, 4], n_prompts=20, seed=0)
+        assert all(math.isfinite(m) for m in curve.mean)

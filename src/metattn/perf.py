@@ -1,4 +1,4 @@
-"""Process-level settings that make meta-training faster on CPU.
+"""Speed: a process-level CPU setting, and one whole meta-step in a CUDA graph.
 
 :func:`tune_cpu_allocator` keeps freed memory in the process instead of handing it back to
 the OS. MAML allocates and frees the same large activation and graph tensors every
@@ -8,6 +8,13 @@ vmap over 16 tasks): 2.1 s of system time per meta-iteration (~600k page faults)
 compute, gone after tuning; the per-task loop saves 2-8%. The cost: the process keeps its
 peak memory (RSS does not shrink after a large step). It changes the whole process, so
 metattn never calls it by itself: the benchmarks do (for every method alike) and scripts may.
+
+:class:`CUDAGraphStep` captures a whole meta-step (meta-loss, the backward through the inner
+loop, the optimiser's step) in one CUDA graph and replays it. A MAML step launches thousands of
+small kernels (5437 for the transformer workload of ``benchmarks/throughput.py``), so eager
+PyTorch keeps the GPU waiting on Python. Measured there on one H100 (torch 2.11, TF32, median
+s per meta-iteration): transformer 0.135 eager -> 0.0325 graphed, conv4 0.033 -> 0.025; the
+graphed meta-gradient equalled the eager one exactly (max difference 0).
 """
 
 from __future__ import annotations
@@ -15,6 +22,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from typing import Any
+
+import torch
+
+from metattn.data.tasks import TaskBatch
+from metattn.errors import ConfigError, TaskError
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -48,3 +61,104 @@ def tune_cpu_allocator() -> bool:
 def cpu_allocator_tuned() -> bool:
     """Whether :func:`tune_cpu_allocator` has been applied in this process."""
     return _tuned
+
+
+class CUDAGraphStep:
+    """``step(batch) -> (loss, metrics)``: one meta-step of ``learner`` with ``optimizer``
+    (zero_grad, ``meta_loss``, backward, ``optimizer.step()``), replayed from a CUDA graph.
+
+    The first ``warmup`` calls run eagerly on a side stream (the CUDA-graph docs ask for it;
+    they are real steps on their batches). The next call captures the step and replays it;
+    later calls copy their batch into the captured input tensors and replay. Every call is a
+    true meta-step on its own batch, so a loop need not change::
+
+        opt = torch.optim.Adam(learner.parameters(), 1e-3, capturable=True)
+        step = CUDAGraphStep(learner, opt)
+        for batch in batches:
+            loss, metrics = step(batch.to("cuda"))
+
+    Requirements, checked with errors that name the fix: the batch on a CUDA device, every
+    batch of the same shapes and dtypes as the captured one, an optimiser built with
+    ``capturable=True`` (Adam, AdamW), and a ``meta_loss`` that does not synchronise with the
+    host. MAML's per-step NaN check (``check_finite``) does, so it is off during the capture:
+    check the returned loss for NaN at your own cadence. The returned loss and metrics are
+    the graph's output tensors, overwritten by the next call: ``.clone()`` them to keep them.
+    ``loss_fn`` is passed to ``meta_loss`` and ``autocast`` (e.g. ``torch.bfloat16``) runs it
+    under ``torch.autocast``. No outer step reaches ``meta_loss``, so MAML++ schedules that
+    change with the step (multi-step loss weights, the first-to-second-order switch) need
+    eager steps.
+    """
+
+    def __init__(self, learner: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 warmup: int = 3, loss_fn: Any = None,
+                 autocast: torch.dtype | None = None) -> None:
+        for group in optimizer.param_groups:
+            if not group.get("capturable", False):
+                raise ConfigError(
+                    f"CUDAGraphStep: {type(optimizer).__name__} was built without "
+                    "capturable=True; build it with capturable=True (e.g. torch.optim.Adam("
+                    "params, lr, capturable=True)) so its step can be captured")
+        self.learner, self.optimizer = learner, optimizer
+        self.warmup, self.loss_fn, self.autocast = int(warmup), loss_fn, autocast
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static: TaskBatch | None = None
+        self.loss: torch.Tensor | None = None
+        self.metrics: dict[str, torch.Tensor] = {}
+
+    def _eager(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.optimizer.zero_grad(set_to_none=True)
+        return self._body(batch)
+
+    def _capture(self, batch: TaskBatch) -> None:
+        self.static = TaskBatch(*(t.clone() for t in (batch.support_x, batch.support_y,
+                                                      batch.query_x, batch.query_y)),
+                                n_way=batch.n_way, k_shot=batch.k_shot)
+        self.graph = torch.cuda.CUDAGraph()
+        checks = getattr(self.learner, "check_finite", None)
+        if checks:  # a NaN check reads the loss on the host: not allowed while capturing
+            self.learner.check_finite = False
+        try:
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.cuda.graph(self.graph):
+                self.loss, self.metrics = self._body(self.static)
+        finally:
+            if checks:
+                self.learner.check_finite = checks
+
+    def _body(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.autocast("cuda", dtype=self.autocast, enabled=self.autocast is not None):
+            loss, metrics = self.learner.meta_loss(batch, self.loss_fn)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), {k: v.detach() for k, v in metrics.items()}
+
+    def __call__(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if batch.support_x.device.type != "cuda":
+            raise ConfigError(
+                f"CUDAGraphStep: the batch is on {batch.support_x.device}; CUDA graphs need "
+                "a CUDA device: move it with batch.to('cuda'), or use eager steps on the CPU")
+        self.calls += 1
+        if self.calls <= self.warmup:
+            side = torch.cuda.Stream(batch.support_x.device)
+            side.wait_stream(torch.cuda.current_stream(batch.support_x.device))
+            with torch.cuda.stream(side):
+                out = self._eager(batch)
+            torch.cuda.current_stream(batch.support_x.device).wait_stream(side)
+            return out
+        if self.graph is None:
+            self._capture(batch)
+        else:
+            assert self.static is not None
+            for name in ("support_x", "support_y", "query_x", "query_y"):
+                dst, src = getattr(self.static, name), getattr(batch, name)
+                if dst.shape != src.shape or dst.dtype != src.dtype:
+                    raise TaskError(
+                        f"CUDAGraphStep: batch.{name} is {tuple(src.shape)} {src.dtype} but "
+                        f"the graph was captured for {tuple(dst.shape)} {dst.dtype}; a graph "
+                        "replays fixed shapes: keep the episode sizes, or make one "
+                        "CUDAGraphStep per shape")
+                dst.copy_(src, non_blocking=True)
+        self.graph.replay()
+        assert self.loss is not None
+        return self.loss, self.metrics

@@ -143,17 +143,21 @@ def maml_predict_fn(learner: Learner, steps: int | None = None) -> PredictFn:
     """A batched predictor from a MAML-family learner: every task of the batch adapts at
     once (vmap where the learner uses it) with ``steps`` inner steps (default
     ``eval_inner_steps``). With k = 0 (no support point) it predicts with the meta-learned
-    initialisation, the learner's best guess before seeing data."""
+    initialisation, the learner's best guess before seeing data. Prompts move to the
+    learner's device and dtype; predictions come back on the query's."""
 
     def predict(sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
         n = learner.eval_inner_steps if steps is None else steps
+        home = qx
+        p = next(learner.parameters())
+        sx, sy, qx = (t.to(p.device, p.dtype) for t in (sx, sy, qx))
         qy = qx.new_zeros(*qx.shape[:2], sy.shape[-1])
         if sx.shape[1] == 0:  # nothing to adapt on: the initialisation (support unused)
             sx, sy, n = qx, qy, 0
         with torch.no_grad():
             out = learner._run(TaskBatch(sx, sy, qx, qy), learner.loss_fn or mse_loss, n,
                                True, [n])[2]
-        return out[:, -1]
+        return out[:, -1].to(home.device, home.dtype)
 
     return predict
 

@@ -215,8 +215,13 @@ class InContextLearner(Learner):
         self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor
     ) -> torch.Tensor:
         """Batched predictor ``[T, k, d], [T, k, m], [T, Q, d] -> [T, Q, m]`` (k may be 0);
-        plugs into :func:`metattn.meta.baselines.error_vs_k`."""
-        return self.model.predict(support_x, support_y, query_x)
+        plugs into :func:`metattn.meta.baselines.error_vs_k`. Inputs go to the model's device
+        and dtype (prompts are drawn on the CPU, the model may sit on a GPU); the prediction
+        comes back on the query's."""
+        p = next(self.parameters())
+        out = self.model.predict(*(t.to(p.device, p.dtype)
+                                   for t in (support_x, support_y, query_x)))
+        return out.to(query_x.device, query_x.dtype)
 
     def meta_loss(
         self, batch: TaskBatch, loss_fn: LossFn | None = None, step: int | None = None

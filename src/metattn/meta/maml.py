@@ -625,8 +625,8 @@ class MAML(Learner):
         with _shape_errors(batch):
             s, q, o, loss = self._run(batch, loss_fn, n, first_order, record, weights=w)
         if loss is None:
-            w_t = torch.tensor(w, dtype=q.dtype, device=q.device)
-            loss = (q * w_t).sum(-1).mean()
+            # Python-float weights: no host-to-device copy, so a CUDA graph can capture this
+            loss = torch.stack([q[:, j] * wj for j, wj in enumerate(w)], -1).sum(-1).mean()
         metrics = {"loss": q[:, -1].mean().detach()}
         if n > 0:
             metrics["support_loss"] = s[:, 0].mean().detach()
