@@ -9,15 +9,18 @@
 #     seconds of training (default 60, the issue's goal) with the cosine schedule fitted to the
 #     budget and a periodic evaluation every OMNI_EVAL_EVERY steps, so metrics.jsonl gives test
 #     accuracy against training seconds (time to accuracy);
-#  (PARTS="speed ...": vmap variants without the per-step NaN check, in one CUDA graph and
-#     under bf16 autocast, with torch.profiler tables)
+#  (PARTS="speed ...": vmap variants without the per-step NaN check, in one CUDA graph (also
+#     with chunks of 8 tasks, each backward at once: the memory goal) and under bf16 autocast,
+#     with torch.profiler tables)
 #  3. in-context linear regression at d = 20 (configs/icl_linear_d20.yaml) for ICL_MINUTES
 #     minutes of training (default 2), error-vs-k table against least squares. Settings of
 #     the best short run so far (1 min on an H100: error 0.42 at k = 20): 6 layers, disjoint
 #     tokens, Adam 1e-3 with 200 warm-up steps and cosine decay, and a curriculum period of
 #     18000 of the config's 500k steps, which icl.py scales to the run's length (12 layers at
 #     Adam 3e-4 learned nothing in 2 minutes).
-# Each part has its own time limit, so a failing part does not take the others with it.
+# Each part has its own time limit, so a failing part does not take the others with it, and
+# the results so far are packed after each part. The three default parts' limits add up to
+# more than a 10-minute device call (they took 350 s on an H100): split PARTS over calls there.
 # Prints markdown tables; everything it writes is packed into $OUT/gpu_check.tar.gz.
 # Usage: bash benchmarks/gpu_check.sh   (PYTHON=... picks the interpreter; data as for the
 # Omniglot loader: ../shared/data/omniglot or $METATTN_DATA/omniglot). A CPU dry run of the
@@ -57,7 +60,19 @@ fi
 "$PYTHON" -c "import higher" 2>/dev/null && HIGHER=",higher" || HIGHER=""
 T0=$SECONDS
 status=0
+for p in $PARTS; do
+  case $p in throughput|speed|omniglot|icl) ;;
+    *) echo "gpu_check: unknown part '$p' in PARTS; use throughput, speed, omniglot, icl"
+       exit 2 ;;
+  esac
+done
 part() { [[ " $PARTS " == *" $1 "* ]]; }
+pack() {  # after every part, so a later part that runs out of time loses nothing before it
+  [[ -n "${OUT:-}" ]] && tar czf "$OUT/gpu_check.tar.gz" --exclude='*.safetensors' \
+    --exclude='*.pt' "$WORK" 2>/dev/null
+  return 0
+}
+secs() { "$PYTHON" -c "import sys; print(int(float(sys.argv[1]) * float(sys.argv[2])))" "$@"; }
 tp() {  # limit, name, then throughput.py arguments
   local limit=$1 name=$2; shift 2
   echo; echo "### throughput $name (at $((SECONDS - T0)) s)"
@@ -76,12 +91,15 @@ if part throughput; then
   tp 40 transformer_ckpt --workload transformer --methods vmap --no-plain --checkpoint \
     --iters 5 --warmup 2 --tf32 on
 fi
+pack
 if part speed; then  # where the vmap path's time goes, and what removes it
   tp 40 conv4_vmap --workload conv4 --methods vmap --no-plain --iters 10 --warmup 3 --tf32 on
   tp 60 conv4_vmap_nocheck --workload conv4 --methods vmap --no-plain --iters 10 --warmup 3 \
     --tf32 on --check-finite off --profile
   tp 60 conv4_vmap_graph --workload conv4 --methods vmap --no-plain --iters 10 --warmup 3 \
     --tf32 on --cuda-graph
+  tp 60 conv4_vmap_chunk8_graph --workload conv4 --methods vmap --no-plain --chunk-size 8 \
+    --iters 10 --warmup 3 --tf32 on --cuda-graph
   tp 40 conv4_vmap_bf16 --workload conv4 --methods vmap --no-plain --iters 10 --warmup 3 \
     --tf32 on --check-finite off --autocast bf16
   tp 60 transformer_vmap_nocheck --workload transformer --methods vmap --no-plain --iters 5 \
@@ -89,11 +107,12 @@ if part speed; then  # where the vmap path's time goes, and what removes it
   tp 60 transformer_vmap_graph --workload transformer --methods vmap --no-plain --iters 5 \
     --warmup 2 --tf32 on --cuda-graph
 fi
+pack
 
 # shellcheck disable=SC2086  # the *_EXTRA variables are word lists
 if part omniglot; then
   echo; echo "### omniglot_5w1s_maml_gpu60s, ${OMNI_BUDGET} s of training on $DEVICE (at $((SECONDS - T0)) s)"
-  timeout $((${OMNI_BUDGET%.*} + 150)) "$PYTHON" benchmarks/omniglot.py \
+  timeout $(($(secs "$OMNI_BUDGET" 1) + 150)) "$PYTHON" benchmarks/omniglot.py \
     --configs configs/omniglot_5w1s_maml_gpu60s.yaml --budget "$OMNI_BUDGET" \
     --out "$WORK/omniglot" --overwrite --set "train.device=$DEVICE" \
     --set "train.eval_every=$OMNI_EVAL_EVERY" --set train.progress=false \
@@ -111,11 +130,11 @@ for line in open(sys.argv[1]):
               f"{r.get('accuracy', float('nan')):.4f} |")
 PY
 fi
+pack
 
 if part icl; then
   echo; echo "### icl_linear_d20, ${ICL_MINUTES} min of training on $DEVICE (at $((SECONDS - T0)) s)"
-  ICL_LIMIT=$("$PYTHON" -c "print(int(float('$ICL_MINUTES') * 60 + 120))")
-  timeout "$ICL_LIMIT" "$PYTHON" benchmarks/icl.py linear \
+  timeout $(($(secs "$ICL_MINUTES" 60) + 120)) "$PYTHON" benchmarks/icl.py linear \
     --config configs/icl_linear_d20.yaml --minutes "$ICL_MINUTES" --no-maml \
     --out "$WORK/icl_d20" --set "train.device=$DEVICE" --set train.progress=false \
     --set train.tensorboard=false --set train.schedule=cosine --set train.warmup_steps=200 \
@@ -124,9 +143,6 @@ if part icl; then
     || { echo "gpu_check: icl failed or timed out (rc $?)"; status=1; }
 fi
 
+pack
 echo; echo "gpu_check: done in $((SECONDS - T0)) s, status $status"
-if [[ -n "${OUT:-}" ]]; then
-  tar czf "$OUT/gpu_check.tar.gz" --exclude='*.safetensors' --exclude='*.pt' "$WORK" \
-    && ls -la "$OUT"
-fi
 exit $status

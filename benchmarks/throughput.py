@@ -311,20 +311,20 @@ def time_methods(names: list[str], wl: Workload, base: torch.nn.Module,
         rows.append({"method": r.name, "s_per_it": med, "it_per_s": 1 / med,
                      "tasks_per_s": wl.meta_batch / med, "peak_mb": r.peak_mb,
                      "times": r.times, "cpu_s_per_it": statistics.median(r.cpu_times),
-                     "graph_vs_eager": graph_check(wl, base, batches, args)
+                     "graph_vs_eager": graph_check(r.name, wl, base, batches, args)
                      if r.graphed else None})
     return rows
 
 
-def graph_check(wl: Workload, base: torch.nn.Module, batches: list[mt.TaskBatch], args,
-                steps: int = 4) -> float:
+def graph_check(method: str, wl: Workload, base: torch.nn.Module,
+                batches: list[mt.TaskBatch], args, steps: int = 4) -> float:
     """Parameter updates after ``steps`` meta-steps through ``CUDAGraphStep`` (1 eager
     warm-up, the capture, replays) against eager steps from the same start and batches:
     max |graphed - eager| / max |eager|."""
     updates = []
     for graphed in (False, True):
         model = copy.deepcopy(base)
-        step, params, learner = make_method("vmap", model, wl, args.chunk_size,
+        step, params, learner = make_method(method, model, wl, args.chunk_size,
                                             args.checkpoint, check_finite=False,
                                             autocast=args.autocast)
         opt = torch.optim.Adam(params, lr=1e-3, foreach=True, capturable=True)
@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     header = {"device": device_name(device), "device_type": device.type,
               "torch": torch.__version__, "dtype": args.dtype, "tf32": args.tf32,
               "check_finite": args.check_finite, "autocast": args.autocast,
-              "cuda_graph": args.cuda_graph,
+              "cuda_graph": bool(args.cuda_graph and device.type == "cuda"),
               "iters": args.iters, "warmup": args.warmup, "threads": torch.get_num_threads(),
               "python": platform.python_version(),
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "malloc": malloc}

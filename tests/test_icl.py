@@ -549,8 +549,13 @@ def test_predictors_take_prompts_on_another_device_or_dtype():
                                           max_points=8)).double()
     maml = MAML(MLP(4, [16], 1), inner_lr=0.05, eval_inner_steps=2).double()
     b = LinearTasks(d=4, k_shot=6, k_query=1).sample(3, gen(0))
+    ints = [t.round().long() for t in (b.support_x, b.support_y, b.query_x)]
     for fn in (icl.predict, maml_predict_fn(maml)):
         out = fn(b.support_x, b.support_y, b.query_x)
         assert out.dtype == torch.float32 and out.shape == (3, 1, 1)
+        # integer prompts are read as numbers, and the prediction stays floating
+        from_ints = fn(*ints)
+        assert from_ints.is_floating_point()
+        torch.testing.assert_close(from_ints.float(), fn(*(t.float() for t in ints)))
         curve = error_vs_k(fn, LinearTasks(d=4), ks=[0, 2, 4], n_prompts=20, seed=0)
         assert all(math.isfinite(m) for m in curve.mean)

@@ -119,6 +119,43 @@ def test_vmap_chunked_equals_unchunked(fp64):
     assert counts[3] == 2 * counts[None], counts
 
 
+def test_vmap_chunks_bound_the_training_memory():
+    """With chunk_size, each chunk's meta-gradient is taken before the next chunk runs: the
+    tensors saved for the backward peak at one chunk's worth (here 4 chunks: about a
+    quarter), and none is left for loss.backward(). Before, chunking only split vmap's
+    forward and every chunk's graph stayed alive until the backward."""
+    import gc
+    import weakref
+
+    g = torch.Generator().manual_seed(0)
+    T = 8
+    batch = mt.TaskBatch(torch.rand(T, 5, 1, 28, 28, generator=g), torch.arange(5).repeat(T, 1),
+                         torch.rand(T, 10, 1, 28, 28, generator=g),
+                         torch.arange(5).repeat_interleave(2).repeat(T, 1), n_way=5)
+    stats = {}
+    for chunk in (None, 2):
+        torch.manual_seed(0)
+        model = mt.Conv4(1, 5, hidden=8, image_size=28)
+        refs: list[tuple[weakref.ref, int]] = []
+        peak = [0]
+
+        def pack(t, refs=refs, peak=peak):
+            refs.append((weakref.ref(t), t.numel() * t.element_size()))
+            peak[0] = max(peak[0], sum(n for r, n in refs if r() is not None))
+            return t
+
+        learner = mt.MAML(model, inner_lr=0.4, inner_steps=1, vectorize=True, chunk_size=chunk)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = learner.meta_loss(batch)
+        gc.collect()
+        stats[chunk] = (peak[0], sum(n for r, n in refs if r() is not None))
+        loss.backward()
+        assert all(p.grad is not None for p in model.parameters())
+    (peak_all, left_all), (peak_chunks, left_chunks) = stats[None], stats[2]
+    assert left_all > 0.9 * peak_all and left_chunks == 0, stats
+    assert peak_chunks < 0.35 * peak_all, stats
+
+
 def test_layernorm_and_batchnorm_modules_with_buffers_and_dropout():
     """A user module with running-stat BatchNorm, LayerNorm, Dropout and a buffer works."""
 

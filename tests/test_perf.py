@@ -23,6 +23,19 @@ def test_graph_step_needs_a_capturable_optimiser():
         CUDAGraphStep(learner, torch.optim.Adam(learner.parameters(), 1e-3))
 
 
+def test_graph_step_refuses_what_a_replay_cannot_do():
+    learner = _learner()
+    opt = torch.optim.Adam(learner.parameters(), 1e-3, capturable=True)
+    with pytest.raises(ConfigError, match="warmup >= 1"):
+        CUDAGraphStep(learner, opt, warmup=0)
+    for key, match in (("msl_steps", "msl_steps=5"), ("second_order_start", "outer step"),
+                       ("checkpoint", "RNG state")):
+        other = _learner()
+        setattr(other, key, 5 if key != "checkpoint" else True)
+        with pytest.raises(ConfigError, match=match):
+            CUDAGraphStep(other, torch.optim.Adam(other.parameters(), 1e-3, capturable=True))
+
+
 def test_graph_step_refuses_a_cpu_batch_and_trains_nothing():
     learner = _learner()
     opt = torch.optim.Adam(learner.parameters(), 1e-3, capturable=True)

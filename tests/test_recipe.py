@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -156,6 +157,20 @@ def test_logged_lr_is_the_rate_each_step_used(tmp_path):
     recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in recs if r["kind"] == "train"]
     assert lrs == pytest.approx([0.003 * f for f in (0.25, 0.5, 0.75, 1, 1, 1)])
+
+
+def test_cosine_starts_at_the_base_rate_after_the_warm_up(tmp_path):
+    # linear warm-up to the base rate, then a half cosine from it to zero at train.steps
+    # (the warm-up used to multiply a cosine begun at step 0: 0.75 of the base rate here)
+    cfg = load(write_cfg(tmp_path, train__steps=12, train__warmup_steps=4,
+                         train__schedule="cosine", train__checkpoint_every=0,
+                         train__eval_every=0))
+    train(cfg, tmp_path / "r")
+    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in recs if r["kind"] == "train"]
+    cos = [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
+    assert lrs == pytest.approx([0.003 * f for f in (0.25, 0.5, 0.75, 1.0, *cos)])
+    assert max(lrs) == pytest.approx(0.003)
 
 
 def test_run_files_follow_the_umask(tmp_path):

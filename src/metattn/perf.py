@@ -86,9 +86,11 @@ class CUDAGraphStep:
     check the returned loss for NaN at your own cadence. The returned loss and metrics are
     the graph's output tensors, overwritten by the next call: ``.clone()`` them to keep them.
     ``loss_fn`` is passed to ``meta_loss`` and ``autocast`` (e.g. ``torch.bfloat16``) runs it
-    under ``torch.autocast``. No outer step reaches ``meta_loss``, so MAML++ schedules that
-    change with the step (multi-step loss weights, the first-to-second-order switch) need
-    eager steps.
+    under ``torch.autocast`` (with its weight cache off, as the CUDA-graph docs ask). Refused,
+    with the reason: ``warmup < 1`` (the optimiser's state must exist before the capture, or
+    every replay would reset it), MAML++ schedules that change with the outer step
+    (``msl_steps``, ``second_order_start``: no step reaches a replay) and ``checkpoint=True``
+    (its recomputation saves the CUDA RNG state, which a capture forbids).
     """
 
     def __init__(self, learner: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -100,6 +102,22 @@ class CUDAGraphStep:
                     f"CUDAGraphStep: {type(optimizer).__name__} was built without "
                     "capturable=True; build it with capturable=True (e.g. torch.optim.Adam("
                     "params, lr, capturable=True)) so its step can be captured")
+        if int(warmup) < 1:
+            raise ConfigError(
+                f"CUDAGraphStep: warmup={warmup}; use warmup >= 1: the optimiser creates its "
+                "state (Adam's moments and step) on its first step, and a capture that made "
+                "it would reset it on every replay")
+        for key in ("msl_steps", "second_order_start"):
+            if getattr(learner, key, 0):
+                raise ConfigError(
+                    f"CUDAGraphStep: the learner's {key}={getattr(learner, key)} changes the "
+                    "meta-loss with the outer step, which a replayed graph cannot follow; set "
+                    f"{key}=0 or train with eager steps")
+        if getattr(learner, "checkpoint", False):
+            raise ConfigError(
+                "CUDAGraphStep: the learner has checkpoint=True, whose recomputed inner steps "
+                "save the CUDA RNG state, which a graph capture forbids; set checkpoint=False "
+                "or train with eager steps")
         self.learner, self.optimizer = learner, optimizer
         self.warmup, self.loss_fn, self.autocast = int(warmup), loss_fn, autocast
         self.calls = 0
@@ -116,20 +134,30 @@ class CUDAGraphStep:
         self.static = TaskBatch(*(t.clone() for t in (batch.support_x, batch.support_y,
                                                       batch.query_x, batch.query_y)),
                                 n_way=batch.n_way, k_shot=batch.k_shot)
-        self.graph = torch.cuda.CUDAGraph()
+        missing = [p for g in self.optimizer.param_groups for p in g["params"]
+                   if p.grad is not None and p not in self.optimizer.state]
+        if missing:
+            raise ConfigError(
+                f"CUDAGraphStep: {len(missing)} parameter(s) have no optimiser state after the "
+                "warm-up, so the capture would create it and every replay would reset it; "
+                "raise warmup")
+        graph = torch.cuda.CUDAGraph()
         checks = getattr(self.learner, "check_finite", None)
         if checks:  # a NaN check reads the loss on the host: not allowed while capturing
             self.learner.check_finite = False
         try:
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.cuda.graph(self.graph):
-                self.loss, self.metrics = self._body(self.static)
+            with torch.cuda.graph(graph):
+                self.loss, self.metrics = self._body(self.static, cache=False)
         finally:
             if checks:
                 self.learner.check_finite = checks
+        self.graph = graph  # only a completed capture is ever replayed
 
-    def _body(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with torch.autocast("cuda", dtype=self.autocast, enabled=self.autocast is not None):
+    def _body(self, batch: TaskBatch, cache: bool = True
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.autocast("cuda", dtype=self.autocast, enabled=self.autocast is not None,
+                            cache_enabled=cache):
             loss, metrics = self.learner.meta_loss(batch, self.loss_fn)
         loss.backward()
         self.optimizer.step()

@@ -49,6 +49,23 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1) == y).to(torch.promote_types(logits.dtype, torch.float32)).mean(-1)
 
 
+def on_learner(learner: nn.Module, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Regression prompts moved to ``learner``'s device and cast to its floating dtype
+    (prompts are drawn on the CPU while a trained learner may sit on a GPU). A learner
+    without floating parameters or buffers leaves them where they are."""
+    ref = next((t for t in (*learner.parameters(), *learner.buffers())
+                if t.is_floating_point()), None)
+    if ref is None:
+        return tensors
+    return tuple(t.to(ref.device, ref.dtype) for t in tensors)
+
+
+def back_home(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A prediction moved back to ``like``'s device, in ``like``'s dtype when that is floating
+    (integer inputs keep the prediction's floating dtype instead of truncating it)."""
+    return out.to(like.device, like.dtype if like.is_floating_point() else out.dtype)
+
+
 class Learner(nn.Module):
     """The contract every learner follows.
 

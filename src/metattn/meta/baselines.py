@@ -21,7 +21,7 @@ import torch
 from metattn.data.functions import error_scale
 from metattn.data.tasks import TaskBatch, TaskSampler, fixed_episodes, mean_ci95
 from metattn.errors import ConfigError
-from metattn.meta.base import Learner, mse_loss
+from metattn.meta.base import Learner, back_home, mse_loss, on_learner
 
 PredictFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -149,15 +149,14 @@ def maml_predict_fn(learner: Learner, steps: int | None = None) -> PredictFn:
     def predict(sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
         n = learner.eval_inner_steps if steps is None else steps
         home = qx
-        p = next(learner.parameters())
-        sx, sy, qx = (t.to(p.device, p.dtype) for t in (sx, sy, qx))
+        sx, sy, qx = on_learner(learner, sx, sy, qx)
         qy = qx.new_zeros(*qx.shape[:2], sy.shape[-1])
         if sx.shape[1] == 0:  # nothing to adapt on: the initialisation (support unused)
             sx, sy, n = qx, qy, 0
         with torch.no_grad():
             out = learner._run(TaskBatch(sx, sy, qx, qy), learner.loss_fn or mse_loss, n,
                                True, [n])[2]
-        return out[:, -1].to(home.device, home.dtype)
+        return back_home(out[:, -1], home)
 
     return predict
 

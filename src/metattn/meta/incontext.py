@@ -31,7 +31,7 @@ from metattn.data.functions import (  # noqa: F401 (Curriculum* re-exported)
 )
 from metattn.data.tasks import TaskBatch
 from metattn.errors import ConfigError, TaskError
-from metattn.meta.base import Learner, LossFn, eval_mode
+from metattn.meta.base import Learner, LossFn, back_home, eval_mode, on_learner
 from metattn.nn.attention import MultiHeadAttention, TransformerEncoder, record_attention
 
 
@@ -218,10 +218,8 @@ class InContextLearner(Learner):
         plugs into :func:`metattn.meta.baselines.error_vs_k`. Inputs go to the model's device
         and dtype (prompts are drawn on the CPU, the model may sit on a GPU); the prediction
         comes back on the query's."""
-        p = next(self.parameters())
-        out = self.model.predict(*(t.to(p.device, p.dtype)
-                                   for t in (support_x, support_y, query_x)))
-        return out.to(query_x.device, query_x.dtype)
+        out = self.model.predict(*on_learner(self, support_x, support_y, query_x))
+        return back_home(out, query_x)
 
     def meta_loss(
         self, batch: TaskBatch, loss_fn: LossFn | None = None, step: int | None = None
