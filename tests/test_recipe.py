@@ -505,6 +505,20 @@ def test_time_budget_ends_a_real_run_and_it_is_evaluated(tmp_path):
         TimeBudget(cfg, seconds=0)
 
 
+def test_budget_ends_the_run_between_log_steps(tmp_path):
+    # log_every 1000: the budget's callback would first run at step 1000 (seconds late);
+    # in one process the recipe ends the run at the first step past the budget
+    cfg = load(write_cfg(tmp_path, train__steps=100_000, train__eval_every=0,
+                         train__checkpoint_every=0, train__log_every=1000,
+                         train__max_seconds=0.3))
+    summary = train(cfg, tmp_path / "run")
+    assert summary["stopped_by_budget"] and 1 <= summary["steps"] < 1000
+    assert 0.3 <= summary["seconds"] < 0.8
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["kind"] == "train"] == [summary["steps"]]
+    assert load(tmp_path / "run" / "config.yaml").train.steps == summary["steps"]
+
+
 def test_max_seconds_from_the_cli_ends_on_time_and_resumes(tmp_path):
     cfg = write_cfg(tmp_path, train__steps=100_000, train__eval_every=0,
                     train__schedule="cosine", train__checkpoint_every=100, train__log_every=5)

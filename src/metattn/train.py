@@ -293,8 +293,10 @@ class TimeBudget:
     config's, and the cosine runs from its end to the fitted horizon.
     Under torchrun rank 0's clock decides for every rank.
     Without a fitted schedule the run ends at the step where the budget runs out, when that
-    comes before the next call. The recipe calls it every ``train.log_every`` steps, so keep
-    that small (e.g. 10) for a tight budget. ``stopped_by_budget`` says whether it cut the run.
+    comes before the next call. The recipe calls it every ``train.log_every`` steps; in one
+    process it also ends the run at the first step past the budget between calls. Under
+    torchrun the budget acts at log steps only, so keep ``log_every`` small (e.g. 10) for a
+    tight budget there. ``stopped_by_budget`` says whether it cut the run.
     """
 
     def __init__(self, cfg: RunConfig, seconds: float, fit_schedule: bool = True):
@@ -632,6 +634,13 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
             tasks_window += cfg.train.meta_batch
             for k, v in metrics.items():
                 window.setdefault(k, []).append(v)
+            if (budget is not None and world == 1 and elapsed >= budget.seconds
+                    and step < cfg.train.steps):
+                # time is up between two log steps: end here, not at the next log step (with
+                # log_every 100 and 4 s steps that was up to 400 s late); this step is logged,
+                # saved and evaluated as the last. Under torchrun rank 0's clock decides, at
+                # the log steps.
+                cfg.train.steps = step
 
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 now = time.perf_counter()
