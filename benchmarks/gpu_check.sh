@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One prepared GPU check (about 7 minutes on one H100) for the issues "Speed and scale",
-# "Vision" and "In-context learners":
+# One prepared GPU check for the issues "Speed and scale", "Vision" and "In-context
+# learners":
+#  0. the CUDA-only tests (tests/test_perf.py: CUDAGraphStep and the recipe's
+#     train.cuda_graph against eager steps);
 #  1. benchmarks/throughput.py on CUDA, both workloads: metattn's vmap path against the plain
 #     per-task loop and `higher` (when importable), TF32 on (cuDNN's default); the vmap path
 #     with TF32 off, with chunk_size 8 (memory) and, for the transformer, with checkpointed
@@ -8,7 +10,8 @@
 #  2. MAML Omniglot 5-way 1-shot (configs/omniglot_5w1s_maml_gpu60s.yaml) for OMNI_BUDGET
 #     seconds of training (default 60, the issue's goal) with the cosine schedule fitted to the
 #     budget and a periodic evaluation every OMNI_EVAL_EVERY steps, so metrics.jsonl gives test
-#     accuracy against training seconds (time to accuracy);
+#     accuracy against training seconds (time to accuracy); then the same with
+#     train.cuda_graph=true (OMNI_GRAPH=0 skips it);
 #  (PARTS="speed ...": vmap variants without the per-step NaN check, in one CUDA graph (also
 #     with chunks of 8 tasks, each backward at once: the memory goal) and under bf16 autocast,
 #     with torch.profiler tables)
@@ -20,7 +23,8 @@
 #     Adam 3e-4 learned nothing in 2 minutes).
 # Each part has its own time limit, so a failing part does not take the others with it, and
 # the results so far are packed after each part. The three default parts' limits add up to
-# more than a 10-minute device call (they took 350 s on an H100): split PARTS over calls there.
+# more than a 10-minute device call (they took 350 s on an H100): split PARTS over calls there,
+# e.g. PARTS="tests omniglot speed" (about 5 minutes) first, then PARTS="throughput icl".
 # Prints markdown tables; everything it writes is packed into $OUT/gpu_check.tar.gz.
 # Usage: bash benchmarks/gpu_check.sh   (PYTHON=... picks the interpreter; data as for the
 # Omniglot loader: ../shared/data/omniglot or $METATTN_DATA/omniglot). A CPU dry run of the
@@ -44,7 +48,8 @@ ICL_MINUTES="${ICL_MINUTES:-2}"
 TP_EXTRA="${TP_EXTRA:-}"
 OMNI_EXTRA="${OMNI_EXTRA:-}"
 ICL_EXTRA="${ICL_EXTRA:-}"
-PARTS="${PARTS:-throughput omniglot icl}"
+PARTS="${PARTS:-tests throughput omniglot icl}"
+OMNI_GRAPH="${OMNI_GRAPH:-1}"
 WORK="${GPU_CHECK_DIR:-runs/gpu_check}"
 rm -rf "$WORK"; mkdir -p "$WORK"
 if [[ "$DEVICE" == cuda* ]]; then
@@ -61,8 +66,8 @@ fi
 T0=$SECONDS
 status=0
 for p in $PARTS; do
-  case $p in throughput|speed|omniglot|icl) ;;
-    *) echo "gpu_check: unknown part '$p' in PARTS; use throughput, speed, omniglot, icl"
+  case $p in tests|throughput|speed|omniglot|icl) ;;
+    *) echo "gpu_check: unknown part '$p' in PARTS; use tests, throughput, speed, omniglot, icl"
        exit 2 ;;
   esac
 done
@@ -80,6 +85,11 @@ tp() {  # limit, name, then throughput.py arguments
     --json "$WORK/tp_$name.json" "$@" $TP_EXTRA \
     || { echo "gpu_check: throughput $name failed or timed out (rc $?)"; status=1; }
 }
+if part tests; then  # the CUDA-only tests (CUDAGraphStep, the recipe's train.cuda_graph)
+  echo; echo "### CUDA tests (at $((SECONDS - T0)) s)"
+  timeout 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_perf.py 2>&1 | tail -15 \
+    || { echo "gpu_check: CUDA tests failed or timed out"; status=1; }
+fi
 if part throughput; then
   tp 90 conv4 --workload conv4 --methods "vmap$HIGHER" --iters 10 --warmup 3 --tf32 on
   tp 40 conv4_variants_tf32off --workload conv4 --methods vmap --no-plain --iters 10 \
@@ -118,9 +128,21 @@ if part omniglot; then
     --set "train.eval_every=$OMNI_EVAL_EVERY" --set train.progress=false \
     --set train.checkpoint_every=0 --set train.tensorboard=false $OMNI_EXTRA \
     || { echo "gpu_check: omniglot failed or timed out (rc $?)"; status=1; }
-  "$PYTHON" - "$WORK/omniglot/omniglot_5w1s_maml_gpu60s/metrics.jsonl" <<'PY' || true
+  if [[ "$OMNI_GRAPH" == 1 ]]; then  # the same with each step replayed from a CUDA graph
+    echo; echo "### the same with train.cuda_graph=true"
+    timeout $(($(secs "$OMNI_BUDGET" 1) + 150)) "$PYTHON" benchmarks/omniglot.py \
+      --configs configs/omniglot_5w1s_maml_gpu60s.yaml --budget "$OMNI_BUDGET" \
+      --out "$WORK/omniglot_graph" --overwrite --set "train.device=$DEVICE" \
+      --set "train.eval_every=$OMNI_EVAL_EVERY" --set train.progress=false \
+      --set train.checkpoint_every=0 --set train.tensorboard=false \
+      --set train.cuda_graph=true $OMNI_EXTRA \
+      || { echo "gpu_check: omniglot with cuda_graph failed or timed out (rc $?)"; status=1; }
+  fi
+  for run in omniglot omniglot_graph; do
+  "$PYTHON" - "$WORK/$run/omniglot_5w1s_maml_gpu60s/metrics.jsonl" <<'PY' || true
 import json, sys
-print("\ntime to accuracy (periodic evaluation: 100 episodes, 10 inner steps):")
+print(f"\n{sys.argv[1]}: time to accuracy (periodic evaluation: 100 episodes, 10 inner "
+      "steps):")
 print("| step | train s | accuracy |")
 print("|---|---|---|")
 for line in open(sys.argv[1]):
@@ -129,6 +151,7 @@ for line in open(sys.argv[1]):
         print(f"| {r.get('step')} | {r.get('seconds', float('nan')):.1f} | "
               f"{r.get('accuracy', float('nan')):.4f} |")
 PY
+  done
 fi
 pack
 

@@ -34,7 +34,7 @@ CFG = {
     "train": {"steps": 3, "meta_batch": 4, "lr": 0.01, "log_every": 1, "eval_every": 0,
               "eval_episodes": 4, "checkpoint_every": 0, "progress": False,
               "tensorboard": False, "dtype": "float64"},
-    "eval": {"episodes": 8, "chunk": 8},
+    "eval": {"episodes": 8, "chunk": 4},
 }
 
 
@@ -69,18 +69,22 @@ import torch
 from metattn.cli import main
 from metattn.meta.maml import MAML
 
-seen = []
-_meta_loss = MAML.meta_loss
+seen, evals = [], []
+_meta_loss, _evaluate = MAML.meta_loss, MAML.evaluate
 
 def meta_loss(self, batch, *args, **kwargs):
     if self.training:
         seen.append([float(x.sum()) for x in batch.support_x])
     return _meta_loss(self, batch, *args, **kwargs)
 
-MAML.meta_loss = meta_loss
+def evaluate(self, batch, *args, **kwargs):
+    evals.append([float(x.sum()) for x in batch.support_x])
+    return _evaluate(self, batch, *args, **kwargs)
+
+MAML.meta_loss, MAML.evaluate = meta_loss, evaluate
 rc = main(sys.argv[1:])
 with open(os.path.join(os.environ["SPY_DIR"], "rank%s.json" % os.environ["RANK"]), "w") as f:
-    json.dump(seen, f)
+    json.dump({"train": seen, "eval": evals}, f)
 sys.exit(rc)
 """
 
@@ -103,6 +107,58 @@ summary = train(cfg, sys.argv[2], callbacks=[callback])
 with open(os.path.join(sys.argv[3], "rank%d.json" % rank), "w") as f:
     json.dump(summary["steps"], f)
 """
+
+
+# Split evaluation: rank 1's BatchNorm statistics differ from rank 0's (as they drift under
+# DDP); every rank must score rank 0's model, as one process would.
+SPLIT_EVAL = """
+import json, sys
+import torch
+import torch.distributed as dist
+from metattn.meta.metric import ProtoNet
+from metattn.train import evaluate
+
+def setup(rank):
+    # a ProtoNet whose encoder evaluates with running BatchNorm statistics, and 4 chunks of
+    # 5-way episodes; the statistics are set per rank, as DDP training leaves them
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16),
+                              torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    enc[1].running_mean.fill_(0.5 * rank)
+    enc[1].running_var.fill_(1.0 + rank)
+    g = torch.Generator().manual_seed(3)
+    y = torch.arange(5).repeat(2, 1)
+    episodes = [TaskBatch(torch.randn(2, 5, 6, generator=g), y, torch.randn(2, 5, 6, generator=g),
+                          y, n_way=5) for _ in range(4)]
+    return ProtoNet(enc), episodes
+
+from metattn.data.tasks import TaskBatch
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    learner, episodes = setup(rank)
+    res = evaluate(learner, episodes, torch.device("cpu"), torch.float32, None, rank, world)
+    json.dump([res["loss"], res["accuracy"]], open(sys.argv[1] + "/rank%d.json" % rank, "w"))
+    dist.destroy_process_group()
+"""
+
+
+def test_split_evaluation_scores_rank_zeros_model(tmp_path):
+    import importlib.util
+
+    from metattn.train import evaluate
+
+    (tmp_path / "split.py").write_text(SPLIT_EVAL)
+    _launch([str(tmp_path / "split.py"), str(tmp_path)], timeout=120)
+    spec = importlib.util.spec_from_file_location("split_eval", tmp_path / "split.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    learner, episodes = mod.setup(0)  # one process with rank 0's model
+    res = evaluate(learner, episodes, torch.device("cpu"), torch.float32)
+    for r in (0, 1):
+        got = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert got == pytest.approx([res["loss"], res["accuracy"]])
 
 
 def test_ranks_follow_rank_zeros_callback(tmp_path):
@@ -150,8 +206,12 @@ def test_two_processes_equal_one_and_resume_on_one(tmp_path, monkeypatch):
     assert "2 process(es)" in proc.stdout
     assert proc.stdout.count("test loss") == 1  # only rank 0 reports
     # the work is split: each rank trains on its own half of every meta-batch of 4
-    ranks = [json.loads((tmp_path / "spy" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    spied = [json.loads((tmp_path / "spy" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = [r["train"] for r in spied]
     assert [len(r) for r in ranks] == [3, 3]  # one training meta_loss per step
+    # and the final evaluation too: 2 chunks of 4 test episodes, one chunk per rank
+    assert [[len(c) for c in r["eval"]] for r in spied] == [[4], [4]]
+    assert not set(spied[0]["eval"][0]) & set(spied[1]["eval"][0])
     for r0, r1 in zip(*ranks):
         assert len(r0) == len(r1) == 2
         assert not set(r0) & set(r1)
@@ -173,6 +233,11 @@ def test_two_processes_equal_one_and_resume_on_one(tmp_path, monkeypatch):
     _assert_same(_model(two), _model(one))
     # rank 0 logs whole-batch metrics (averaged over the ranks' slices)
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-9, abs=1e-12)
+    # the evaluation split over the ranks gives the single process's summary
+    s2, s1 = (json.loads((d / "summary.json").read_text()) for d in (two, one))
+    assert s2["episodes"] == s1["episodes"] == 8
+    assert s2["results"]["loss"] == pytest.approx(s1["results"]["loss"], rel=1e-6)
+    assert s2["results"]["loss_ci95"] == pytest.approx(s1["results"]["loss_ci95"], rel=1e-6)
 
     # a 2-process checkpoint resumes in 1 process and continues as the 1-process run does
     # (resumed == uninterrupted is tested in test_recipe.py)

@@ -80,3 +80,94 @@ def test_graph_step_equals_eager_steps_on_cuda():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(TaskError, match="captured for"):
         step(SinusoidTasks(k_shot=3, k_query=5).sample(8, gen).to("cuda"))
+
+
+def test_recipe_refuses_cuda_graph_where_it_cannot_run(tmp_path):
+    from metattn.config import from_dict
+    from metattn.train import train
+
+    base = {"name": "g", "task": {"kind": "sinusoid", "k_shot": 5, "k_query": 5},
+            "model": {"kind": "mlp", "hidden": [8]},
+            "learner": {"kind": "maml", "inner_lr": 0.01},
+            "train": {"steps": 2, "meta_batch": 2, "progress": False, "tensorboard": False,
+                      "cuda_graph": True, "device": "cpu"}}
+    with pytest.raises(ConfigError, match="train.cuda_graph=false on the CPU"):
+        train(from_dict(base), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    with pytest.raises(ConfigError, match="optimizer adam or adamw"):
+        from_dict({**base, "train": {**base["train"], "optimizer": "sgd"}})
+    icl = {**base, "task": {"kind": "linear", "d": 4, "k_shot": 8, "k_query": 1,
+                            "curriculum": {"d_start": 2, "every": 5}}}
+    with pytest.raises(ConfigError, match="task.curriculum"):
+        train(from_dict(icl), tmp_path / "icl")
+
+
+def test_checkpoint_stores_a_tensor_learning_rate_as_a_number(tmp_path):
+    # train.cuda_graph keeps Adam's rate as a tensor (so the schedule reaches the graph);
+    # the checkpoint's JSON state holds its value, and the recipe makes it a tensor again
+    from metattn import checkpoint
+
+    learner = _learner()
+    opt = torch.optim.Adam(learner.parameters(), lr=torch.tensor(0.01), foreach=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    learner.zero_grad()
+    sum(p.sum() for p in learner.parameters()).backward()
+    opt.step()
+    sched.step()
+    checkpoint.save(tmp_path, learner, opt, {"step": 1, "scheduler": sched.state_dict()})
+    tensors, state = checkpoint.load(tmp_path)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.005)
+    fresh = _learner()
+    opt2 = torch.optim.Adam(fresh.parameters(), lr=torch.tensor(0.01), foreach=False)
+    checkpoint.restore(tensors, state, fresh, opt2)
+    assert float(opt2.param_groups[0]["lr"]) == pytest.approx(0.005)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_recipe_with_cuda_graph_follows_the_eager_run(tmp_path):
+    import json
+
+    from metattn.config import from_dict
+    from metattn.train import train
+
+    def cfg(graph: bool):
+        return from_dict({
+            "name": "g", "seed": 1, "task": {"kind": "sinusoid", "k_shot": 5, "k_query": 5},
+            "model": {"kind": "mlp", "hidden": [32, 32]},
+            "learner": {"kind": "maml", "inner_lr": 0.01, "inner_steps": 2},
+            "train": {"steps": 12, "meta_batch": 4, "lr": 0.003, "schedule": "cosine",
+                      "warmup_steps": 2, "log_every": 1, "eval_every": 0,
+                      "checkpoint_every": 6, "progress": False, "tensorboard": False,
+                      "cuda_graph": graph, "device": "cuda", "tf32": False},
+            "eval": {"episodes": 20}})
+
+    def logged(run):
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"], r["lr"]) for r in recs if r["kind"] == "train"]
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_8(step, vals):
+        if step == 8:
+            raise Crash
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        train(cfg(False), tmp_path / "eager")
+        train(cfg(True), tmp_path / "graph")
+        # interrupted after the step-6 checkpoint, then resumed: the rate goes back into
+        # the graph as a tensor, and the run continues as the uninterrupted one
+        with pytest.raises(Crash):
+            train(cfg(True), tmp_path / "resumed", callbacks=[crash_at_8])
+        train(cfg(True), tmp_path / "resumed", resume=True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    eager = logged(tmp_path / "eager")
+    assert len(eager) == 12
+    for run in ("graph", "resumed"):
+        got = {s: (loss, lr) for s, loss, lr in logged(tmp_path / run)}
+        for step, loss, lr in eager:
+            assert got[step][1] == pytest.approx(lr)
+            # a rate frozen at the capture would move the losses far past this
+            assert got[step][0] == pytest.approx(loss, rel=1e-4, abs=1e-6), (run, step)

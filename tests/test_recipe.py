@@ -49,6 +49,24 @@ def write_cfg(tmp_path: Path, **changes) -> Path:
     return path
 
 
+def load_tiny(**changes):
+    cfg = json.loads(json.dumps(TINY))
+    for key, value in changes.items():
+        node = cfg
+        parts = key.split("__")
+        for p in parts[:-1]:
+            node = node[p]
+        node[parts[-1]] = value
+    return from_dict(cfg)
+
+
+def _tiny_learner():
+    from metattn.meta.maml import MAML
+    from metattn.nn.backbones import MLP
+
+    return MAML(MLP(1, [4], 1), inner_lr=0.01)
+
+
 def losses(run_dir: Path) -> list[float]:
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in recs if r["kind"] == "train"]
@@ -171,6 +189,40 @@ def test_cosine_starts_at_the_base_rate_after_the_warm_up(tmp_path):
     cos = [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
     assert lrs == pytest.approx([0.003 * f for f in (0.25, 0.5, 0.75, 1.0, *cos)])
     assert max(lrs) == pytest.approx(0.003)
+
+
+def test_cosine_warm_up_never_fills_the_horizon():
+    # a warm-up as long as the run (or a time budget that shrank the horizon below it) would
+    # end the run at its highest rate: the warm-up takes at most half a cosine horizon
+    from metattn.train import make_optimizer
+
+    for steps, warm in ((6, 10), (7, 6), (100, 10)):
+        cfg = load_tiny(train__steps=steps, train__warmup_steps=warm, train__schedule="cosine")
+        opt, sched = make_optimizer(cfg, _tiny_learner())
+        f = [sched.lr_lambdas[0](i) for i in range(steps + 1)]
+        w = min(warm, steps // 2)
+        assert f[w - 1] == pytest.approx(1.0) and max(f) == pytest.approx(1.0)
+        assert all(a >= b for a, b in zip(f[w - 1:], f[w:]))  # decays after the warm-up
+        assert f[steps] == pytest.approx(0.0, abs=1e-12)  # to zero at the horizon
+
+
+def test_resume_restores_the_optimisers_capturable_flag_as_configured(tmp_path):
+    # a checkpoint written with train.cuda_graph (Adam capturable, its step on the GPU)
+    # resumes eagerly on the CPU: the saved capturable flag must not come back with it
+    import safetensors.torch
+
+    cfg_path = write_cfg(tmp_path, train__steps=4, train__checkpoint_every=2,
+                         train__eval_every=0)
+    run = tmp_path / "run"
+    train(load(cfg_path), run)
+    tensors, state = checkpoint.load(run)
+    for group in state["optimizer"]["param_groups"]:
+        group["capturable"] = True
+    safetensors.torch.save_file(tensors, str(run / checkpoint.WEIGHTS),
+                                metadata={"metattn_state": json.dumps(state)})
+    summary = train(load(write_cfg(tmp_path, train__steps=6, train__checkpoint_every=2,
+                                   train__eval_every=0)), run, resume=True)
+    assert summary["steps"] == 6
 
 
 def test_run_files_follow_the_umask(tmp_path):

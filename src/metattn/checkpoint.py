@@ -51,6 +51,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def _number(obj: Any) -> float:
+    """JSON for one-element tensors in the state (a capturable optimiser's learning rate is a
+    tensor, and so are the scheduler's base rates then): their value."""
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return float(obj)
+    raise TypeError(f"not JSON serialisable in a checkpoint's state: {type(obj).__name__}")
+
+
 def _flatten_optimizer(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
     tensors: dict[str, torch.Tensor] = {}
     plain: dict[str, Any] = {"param_groups": opt_state["param_groups"], "state": {}}
@@ -93,7 +101,7 @@ def save(
         state["optimizer"] = opt_plain
     for k, v in (extra_tensors or {}).items():
         tensors[f"extra/{k}"] = v.detach().cpu().contiguous()
-    blob = json.dumps(state)
+    blob = json.dumps(state, default=_number)
     fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS}.", suffix=".tmp", dir=run_dir)
     os.close(fd)
     try:
@@ -105,7 +113,7 @@ def save(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    atomic_write_bytes(run_dir / STATE, json.dumps(state, indent=1).encode())
+    atomic_write_bytes(run_dir / STATE, json.dumps(state, indent=1, default=_number).encode())
     return run_dir / WEIGHTS
 
 

@@ -50,6 +50,11 @@ class TrainConfig:
     dtype: Literal["float32", "float64"] = "float32"
     autocast: Literal["none", "bf16", "fp16"] = "none"
     tf32: bool = True
+    # CUDA only, one process: each meta-step is replayed from a CUDA graph
+    # (metattn.perf.CUDAGraphStep; Adam/AdamW with capturable=True). Experimental: the
+    # recipe path has not yet run on a GPU (the same capture in benchmarks/throughput.py
+    # took a MAML meta-step from 0.135 to 0.0325 s on an H100).
+    cuda_graph: bool = False
     tensorboard: bool = True
     progress: bool = True
 
@@ -194,6 +199,9 @@ def _check_numbers(cfg: RunConfig) -> None:
         except RuntimeError as err:
             raise ConfigError(f"train.device={t.device!r} is not a device ({err}); use auto, "
                               "cpu, cuda or cuda:N") from err
+    if t.cuda_graph and t.optimizer == "sgd":
+        raise ConfigError("train.cuda_graph=true needs train.optimizer adam or adamw (built "
+                          "with capturable=True); SGD cannot be captured here")
     if t.autocast == "fp16":
         raise ConfigError("train.autocast='fp16' has no loss scaling here (small gradients, "
                           "the inner loop's included, would underflow to zero); use 'bf16'")

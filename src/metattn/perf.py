@@ -86,7 +86,8 @@ class CUDAGraphStep:
     check the returned loss for NaN at your own cadence. The returned loss and metrics are
     the graph's output tensors, overwritten by the next call: ``.clone()`` them to keep them.
     ``loss_fn`` is passed to ``meta_loss`` and ``autocast`` (e.g. ``torch.bfloat16``) runs it
-    under ``torch.autocast`` (with its weight cache off, as the CUDA-graph docs ask). Refused,
+    under ``torch.autocast`` (with its weight cache off, as the CUDA-graph docs ask);
+    ``grad_clip`` clips the gradients' total norm before the optimiser's step. Refused,
     with the reason: ``warmup < 1`` (the optimiser's state must exist before the capture, or
     every replay would reset it), MAML++ schedules that change with the outer step
     (``msl_steps``, ``second_order_start``: no step reaches a replay) and ``checkpoint=True``
@@ -95,7 +96,7 @@ class CUDAGraphStep:
 
     def __init__(self, learner: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  warmup: int = 3, loss_fn: Any = None,
-                 autocast: torch.dtype | None = None) -> None:
+                 autocast: torch.dtype | None = None, grad_clip: float | None = None) -> None:
         for group in optimizer.param_groups:
             if not group.get("capturable", False):
                 raise ConfigError(
@@ -120,6 +121,7 @@ class CUDAGraphStep:
                 "or train with eager steps")
         self.learner, self.optimizer = learner, optimizer
         self.warmup, self.loss_fn, self.autocast = int(warmup), loss_fn, autocast
+        self.grad_clip = grad_clip
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: TaskBatch | None = None
@@ -160,6 +162,9 @@ class CUDAGraphStep:
                             cache_enabled=cache):
             loss, metrics = self.learner.meta_loss(batch, self.loss_fn)
         loss.backward()
+        if self.grad_clip:  # no host sync (error_if_nonfinite stays off): capturable
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in self.optimizer.param_groups for p in g["params"]], self.grad_clip)
         self.optimizer.step()
         return loss.detach(), {k: v.detach() for k, v in metrics.items()}
 

@@ -26,6 +26,7 @@ from metattn.config import RunConfig, config_diff, dump
 from metattn.data.tasks import TaskBatch, fixed_episodes, mean_ci95, split_finite
 from metattn.errors import CheckpointError, ConfigError, MetattnError
 from metattn.meta.base import Learner, eval_mode
+from metattn.perf import CUDAGraphStep
 
 # Keys that may differ between a run and its resumption (they do not change the maths).
 # ``eval.chunk`` is not among them: with the seed it fixes which test episodes are drawn.
@@ -33,7 +34,8 @@ from metattn.meta.base import Learner, eval_mode
 # ``train.max_seconds`` counts the run's total training time, resumed parts included.
 RESUMABLE_KEYS = {"train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
                   "train.progress", "train.tensorboard", "train.target", "eval.episodes",
-                  "train.eval_episodes", "train.threads", "train.device", "train.max_seconds"}
+                  "train.eval_episodes", "train.threads", "train.device", "train.max_seconds",
+                  "train.cuda_graph"}
 
 
 class TrainingError(MetattnError, RuntimeError):
@@ -105,21 +107,29 @@ def build(cfg: RunConfig, device: torch.device) -> tuple[Any, Any, Learner]:
 
 
 def evaluate(learner: Learner, episodes: list[TaskBatch], device: torch.device,
-             dtype: torch.dtype, on_chunk: Callable[[int, int], None] | None = None
-             ) -> dict[str, Any]:
+             dtype: torch.dtype, on_chunk: Callable[[int, int], None] | None = None,
+             rank: int = 0, world: int = 1) -> dict[str, Any]:
     """Mean and 95% CI of every per-task metric over a fixed list of episode batches.
 
     The learner runs in eval mode (no dropout: an episode's result must not depend on the
     random state or on its chunk-mates) and inside a forked RNG, so evaluating during training
     leaves the training run's random stream untouched. A task whose loss is not finite
     (diverged adaptation) is left out of EVERY metric and counted once per metric as
-    ``<metric>_diverged``.
+    ``<metric>_diverged``. Under torchrun (``world`` > 1) each rank evaluates every
+    ``world``-th batch and the per-task results are gathered in the batches' order, so every
+    rank gets the single-process result in 1/world of the time.
     """
-    per_task: dict[str, list[torch.Tensor]] = {}
-    total, done = sum(b.num_tasks for b in episodes), 0
+    if world > 1:
+        # every rank scores rank 0's model: running statistics (BatchNorm buffers) drift
+        # apart between ranks, since DDP copies buffers only at the start of a forward
+        for buf in learner.buffers():
+            dist.broadcast(buf, src=0)
+    mine = [(i, b) for i, b in enumerate(episodes) if i % world == rank]
+    results: dict[int, dict[str, torch.Tensor]] = {}
+    total, done = sum(b.num_tasks for _, b in mine), 0
     with eval_mode(learner), \
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for b in episodes:
+        for i, b in mine:
             if on_chunk is not None:
                 on_chunk(done, total)
             done += b.num_tasks
@@ -127,6 +137,7 @@ def evaluate(learner: Learner, episodes: list[TaskBatch], device: torch.device,
             loss = out.get("loss")
             bad = (~torch.isfinite(loss.detach()) if loss is not None and loss.dim() == 1
                    else None)
+            results[i] = {}
             for k, v in out.items():
                 v = v.detach().float().cpu()
                 if bad is not None and v.dim() in (1, 2) and bool(bad.any()):
@@ -134,8 +145,16 @@ def evaluate(learner: Learner, episodes: list[TaskBatch], device: torch.device,
                     # every metric, so each curve is over the same tasks as the loss
                     m = bad.cpu() if v.dim() == 1 else bad.cpu().unsqueeze(-1)
                     v = v.masked_fill(m, float("nan"))
-                per_task.setdefault(k, []).append(v)
-    res: dict[str, Any] = {"episodes": total}
+                results[i][k] = v
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, results)
+        results = {i: r for part in gathered for i, r in part.items()}
+    per_task: dict[str, list[torch.Tensor]] = {}
+    for i in sorted(results):
+        for k, v in results[i].items():
+            per_task.setdefault(k, []).append(v)
+    res: dict[str, Any] = {"episodes": sum(b.num_tasks for b in episodes)}
     # Tasks whose adaptation diverged (non-finite loss) are counted, not averaged in.
     for k, vs in per_task.items():
         v = torch.cat(vs)
@@ -194,18 +213,25 @@ def headline(result: dict[str, Any], n_way: int | None) -> tuple[str, float, flo
     return key, float(result[key]), float(result[f"{key}_ci95"])
 
 
-def make_optimizer(cfg: RunConfig, learner: Learner):
+def make_optimizer(cfg: RunConfig, learner: Learner, device: torch.device | None = None):
+    """The optimiser and its learning-rate schedule. With ``train.cuda_graph`` Adam/AdamW are
+    built ``capturable`` with the rate as a tensor on ``device``, so that the schedule's
+    in-place updates reach a replayed CUDA graph (a float rate would be frozen into it)."""
     t = cfg.train
     params = [p for p in learner.parameters() if p.requires_grad]
     # foreach: one multi-tensor kernel per update instead of a Python loop over parameters
     # (PyTorch picks it by default on CUDA only); the same numbers as the loop.
+    graph = {"capturable": True} if t.cuda_graph else {}
+    lr: float | torch.Tensor = torch.tensor(t.lr, device=device) if t.cuda_graph else t.lr
     if t.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay,
                               foreach=True)
     elif t.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay, foreach=True,
+                                **graph)
     else:
-        opt = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=t.weight_decay, foreach=True,
+                               **graph)
 
     def factor(step: int) -> float:
         # A linear warm-up to the base rate, then (cosine) a half cosine from the base rate at
@@ -213,6 +239,10 @@ def make_optimizer(cfg: RunConfig, learner: Learner):
         # cosine that started at step 0, so a run whose warm-up was a large part of it never
         # reached the base rate: 0.6 of it for 500 warm-up steps in a 1054-step run.)
         w = t.warmup_steps
+        if t.schedule == "cosine":
+            # at most half the horizon (also one a time budget shrank), so the rate still
+            # decays to zero at train.steps
+            w = min(w, t.steps // 2)
         if w > 0 and step < w:
             return (step + 1) / w
         if t.schedule == "cosine" and t.steps > 0:
@@ -369,6 +399,15 @@ class _Progress:
             self.bar.stop()
 
 
+def _check_loss(loss: torch.Tensor, step: int, run_dir: Path, note: str = "") -> None:
+    """A non-finite meta-loss ends the run with the last checkpoint kept."""
+    if not torch.isfinite(loss):
+        raise TrainingError(
+            f"meta-loss is {loss.item()} at step {step}{note}; the last checkpoint in "
+            f"{str(run_dir)!r} is kept. Lower train.lr or the learner's inner_lr, or set "
+            "train.grad_clip")
+
+
 def _reduce_step(metrics: dict[str, torch.Tensor], loss: torch.Tensor, stop: bool, world: int
                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
     """Average the step's metrics and loss over ranks (equal slices: the whole-batch mean) and
@@ -432,6 +471,20 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
     if cfg.train.meta_batch % world:
         raise ConfigError(f"train.meta_batch={cfg.train.meta_batch} does not split over "
                           f"{world} processes; use a multiple of {world}")
+    if cfg.train.cuda_graph and cfg.task.get("curriculum"):
+        raise ConfigError("train.cuda_graph=true replays fixed episode shapes, but "
+                          "task.curriculum changes them during the run; set one of them off")
+    for key in ("msl_steps", "second_order_start", "checkpoint"):
+        if cfg.train.cuda_graph and cfg.learner.get(key):
+            raise ConfigError(
+                f"train.cuda_graph=true cannot replay learner.{key}={cfg.learner[key]!r} "
+                "(MAML++ schedules change with the outer step; checkpointed inner steps save "
+                f"the RNG state): set learner.{key} off or train.cuda_graph=false")
+    if cfg.train.cuda_graph and (device.type != "cuda" or world > 1):
+        raise ConfigError(
+            f"train.cuda_graph=true replays the meta-step from a CUDA graph in one process; "
+            f"this run has device {device} and {world} process(es): set "
+            "train.cuda_graph=false" + ("" if device.type == "cuda" else " on the CPU"))
     run_dir = Path(out_dir)
     ckpt_path = run_dir / checkpoint.WEIGHTS
     written_config: list[bytes | None] = [None]
@@ -494,15 +547,29 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
     train_tasks, test_tasks, learner = build(cfg, device)
     if device.type == "cuda" and hasattr(train_tasks, "to"):
         train_tasks = train_tasks.to(device)  # samplers that can draw episodes on the GPU
-    opt, sched = make_optimizer(cfg, learner)
+    opt, sched = make_optimizer(cfg, learner, device)
+    amp = torch.bfloat16 if cfg.train.autocast == "bf16" else None  # fp16: rejected by config
+    # train.cuda_graph: 3 eager warm-up steps, then every step replays one captured graph
+    # (made here, before anything is opened, so that its refusals leave nothing behind)
+    graph_step = CUDAGraphStep(learner, opt, warmup=3, autocast=amp,
+                               grad_clip=cfg.train.grad_clip) if cfg.train.cuda_graph else None
     gen = torch.Generator().manual_seed(cfg.seed)  # the task stream, identical on every rank
     start, elapsed, best = 0, 0.0, None
     if resume:
         # rank 0 read the checkpoint; the others get it from rank 0, so resuming on any
         # number of processes (or nodes without a shared filesystem) restores the same state
         tensors, state = _share(saved_ckpt, world)
+        # train.cuda_graph may differ from the run that wrote the checkpoint: the optimiser's
+        # saved groups would restore ITS capturable flag (and place Adam's step by it)
+        for group in (state.get("optimizer") or {}).get("param_groups", []):
+            if "capturable" in group:
+                group["capturable"] = bool(cfg.train.cuda_graph)
         checkpoint.restore(tensors, state, learner, opt)
         sched.load_state_dict(state["scheduler"])
+        if cfg.train.cuda_graph:  # the checkpoint stores the rate as a number
+            for group in opt.param_groups:
+                if not isinstance(group["lr"], torch.Tensor):
+                    group["lr"] = torch.tensor(float(group["lr"]), device=device)
         gen.set_state(tensors["extra/task_generator"])
         torch.set_rng_state(tensors["extra/torch_rng"])
         if device.type == "cuda" and "extra/cuda_rng" in tensors:
@@ -541,7 +608,6 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
     progress = _Progress(is_main and cfg.train.progress, cfg.train.steps, start, is_main)
     n_way = None
     per_rank = cfg.train.meta_batch // world
-    amp = torch.bfloat16 if cfg.train.autocast == "bf16" else None  # fp16: rejected by config
 
     def save(step: int) -> None:
         if not is_main:
@@ -608,26 +674,29 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
             n_way = batch.n_way
             batch = batch.slice(rank * per_rank, (rank + 1) * per_rank).to(device, dtype)
             learner.train()
-            with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
-                loss, metrics = model(batch, None, step)
-            if world > 1:
-                # one small collective: whole-batch metrics for the log, the same finiteness
-                # verdict and the same Ctrl-C decision on every rank
-                metrics, loss_all, stop_agreed = _reduce_step(
-                    metrics, loss, stop_requested, world)
+            lr_used = float(opt.param_groups[0]["lr"])  # (a tensor under cuda_graph)
+            if graph_step is not None:
+                # the whole step (meta-loss, backward, clip, optimiser) in one replay; its
+                # outputs are overwritten by the next replay, so they are copied
+                loss, metrics = graph_step(batch)
+                loss_all, metrics = loss.clone(), {k: v.clone() for k, v in metrics.items()}
+                _check_loss(loss_all, step, run_dir, " (the step has been taken)")
             else:
-                loss_all = loss.detach()
-            if not torch.isfinite(loss_all):
-                raise TrainingError(
-                    f"meta-loss is {loss_all.item()} at step {step}; the last checkpoint in "
-                    f"{str(run_dir)!r} is kept. Lower train.lr or the learner's inner_lr, or "
-                    "set train.grad_clip")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(learner.parameters(), cfg.train.grad_clip)
-            opt.step()
-            lr_used = opt.param_groups[0]["lr"]
+                with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+                    loss, metrics = model(batch, None, step)
+                if world > 1:
+                    # one small collective: whole-batch metrics for the log, the same
+                    # finiteness verdict and the same Ctrl-C decision on every rank
+                    metrics, loss_all, stop_agreed = _reduce_step(
+                        metrics, loss, stop_requested, world)
+                else:
+                    loss_all = loss.detach()
+                _check_loss(loss_all, step, run_dir)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.train.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(learner.parameters(), cfg.train.grad_clip)
+                opt.step()
             sched.step()
             step += 1
             elapsed += time.perf_counter() - t0
@@ -664,7 +733,7 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                     and step < cfg.train.steps:
                 res = evaluate(learner, eval_sets["periodic"], device, dtype,
                                lambda d, n, s=step: progress.update(
-                                   s, f"evaluating: {d}/{n} episodes"))
+                                   s, f"evaluating: {d}/{n} episodes"), rank, world)
                 key, mean, ci = headline(res, n_way)
                 logger.log("eval", step, {**{k: v for k, v in res.items()
                                              if not isinstance(v, list)}, "seconds": elapsed})
@@ -700,7 +769,8 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
     extra = None if budget is None else {  # a time-budgeted run: did the budget end it?
         "max_seconds": budget.seconds, "stopped_by_budget": budget.stopped_by_budget}
     summary = final_evaluation(cfg, learner, test_tasks, run_dir, device, dtype, n_way,
-                               step, elapsed, write=is_main, extra=extra)
+                               step, elapsed, write=is_main, extra=extra, rank=rank,
+                               world=world)
     if is_main:
         from metattn.plots import training_curves
 
@@ -715,13 +785,14 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
 def final_evaluation(cfg: RunConfig, learner: Learner, test_tasks: Any, run_dir: Path,
                      device: torch.device, dtype: torch.dtype, n_way: int | None, step: int,
                      seconds: float, write: bool = True, episodes: int | None = None,
-                     extra: dict[str, Any] | None = None
+                     extra: dict[str, Any] | None = None, rank: int = 0, world: int = 1
                      ) -> dict[str, Any]:
-    """Evaluate on the fixed seeded test episodes and write ``summary.json``."""
+    """Evaluate on the fixed seeded test episodes (split over ``world`` ranks under torchrun)
+    and write ``summary.json``."""
     n = episodes or cfg.eval.episodes
     with _eval_bar(write and cfg.train.progress) as bar:
         res = evaluate(learner, fixed_episodes(test_tasks, n, cfg.eval.seed, cfg.eval.chunk),
-                       device, dtype, bar)
+                       device, dtype, bar, rank, world)
     if n_way is None:
         n_way = test_tasks.sample(1, torch.Generator().manual_seed(0)).n_way
     key, mean, ci = headline(res, n_way)

@@ -121,7 +121,8 @@ class MAML(Learner):
             one more support forward and backward per step. Same meta-gradient.
         per_task_backward: in the loop (``vectorize=False``), back-propagate each task's query
             loss as soon as its inner loop is done (inside ``meta_loss``), so only ONE task's
-            graph is alive at a time (memory independent of the meta-batch size; the default).
+            graph is alive at a time (memory independent of the meta-batch size; the default);
+            under vmap with ``chunk_size``, each chunk's.
             The returned meta-loss carries the summed meta-gradient: ``backward`` works as
             usual (scaling, adding other losses, DDP), but it cannot be differentiated again
             (``create_graph=True``); set False for that.
@@ -757,9 +758,10 @@ class _PerTaskMetaLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         if torch.is_grad_enabled():
             raise RuntimeError(
-                "MAML(per_task_backward=True) computed the meta-gradient inside meta_loss; it "
-                "cannot be differentiated again (create_graph=True). Build the learner with "
-                "per_task_backward=False (or vectorize=True) for higher-order derivatives")
+                "MAML(per_task_backward=True) computed the meta-gradient inside meta_loss (the "
+                "loop path, or vmap with chunk_size); it cannot be differentiated again "
+                "(create_graph=True). Build the learner with per_task_backward=False for "
+                "higher-order derivatives")
         return (None, None, *(None if g is None else g * grad_out for g in ctx.grads))
 
 
