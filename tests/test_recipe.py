@@ -36,7 +36,8 @@ TINY = {
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def write_cfg(tmp_path: Path, **changes) -> Path:
+def tiny(**changes) -> dict:
+    """TINY with ``section__key=value`` changes."""
     cfg = json.loads(json.dumps(TINY))
     for key, value in changes.items():
         node = cfg
@@ -44,20 +45,17 @@ def write_cfg(tmp_path: Path, **changes) -> Path:
         for p in parts[:-1]:
             node = node[p]
         node[parts[-1]] = value
+    return cfg
+
+
+def write_cfg(tmp_path: Path, **changes) -> Path:
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(tiny(**changes)))
     return path
 
 
 def load_tiny(**changes):
-    cfg = json.loads(json.dumps(TINY))
-    for key, value in changes.items():
-        node = cfg
-        parts = key.split("__")
-        for p in parts[:-1]:
-            node = node[p]
-        node[parts[-1]] = value
-    return from_dict(cfg)
+    return from_dict(tiny(**changes))
 
 
 def _tiny_learner():
