@@ -120,24 +120,20 @@ fi
 pack
 
 # shellcheck disable=SC2086  # the *_EXTRA variables are word lists
-if part omniglot; then
-  echo; echo "### omniglot_5w1s_maml_gpu60s, ${OMNI_BUDGET} s of training on $DEVICE (at $((SECONDS - T0)) s)"
+omni() {  # output folder, then extra --set arguments: the gpu60s config for OMNI_BUDGET s
+  local out=$1; shift
+  echo; echo "### omniglot_5w1s_maml_gpu60s $*, ${OMNI_BUDGET} s of training on $DEVICE (at $((SECONDS - T0)) s)"
   timeout $(($(secs "$OMNI_BUDGET" 1) + 150)) "$PYTHON" benchmarks/omniglot.py \
     --configs configs/omniglot_5w1s_maml_gpu60s.yaml --budget "$OMNI_BUDGET" \
-    --out "$WORK/omniglot" --overwrite --set "train.device=$DEVICE" \
+    --out "$WORK/$out" --overwrite --set "train.device=$DEVICE" \
     --set "train.eval_every=$OMNI_EVAL_EVERY" --set train.progress=false \
-    --set train.checkpoint_every=0 --set train.tensorboard=false $OMNI_EXTRA \
-    || { echo "gpu_check: omniglot failed or timed out (rc $?)"; status=1; }
-  if [[ "$OMNI_GRAPH" == 1 ]]; then  # the same with each step replayed from a CUDA graph
-    echo; echo "### the same with train.cuda_graph=true"
-    timeout $(($(secs "$OMNI_BUDGET" 1) + 150)) "$PYTHON" benchmarks/omniglot.py \
-      --configs configs/omniglot_5w1s_maml_gpu60s.yaml --budget "$OMNI_BUDGET" \
-      --out "$WORK/omniglot_graph" --overwrite --set "train.device=$DEVICE" \
-      --set "train.eval_every=$OMNI_EVAL_EVERY" --set train.progress=false \
-      --set train.checkpoint_every=0 --set train.tensorboard=false \
-      --set train.cuda_graph=true $OMNI_EXTRA \
-      || { echo "gpu_check: omniglot with cuda_graph failed or timed out (rc $?)"; status=1; }
-  fi
+    --set train.checkpoint_every=0 --set train.tensorboard=false "$@" $OMNI_EXTRA \
+    || { echo "gpu_check: omniglot $* failed or timed out (rc $?)"; status=1; }
+}
+if part omniglot; then
+  omni omniglot
+  # the same with each step replayed from a CUDA graph
+  [[ "$OMNI_GRAPH" == 1 ]] && omni omniglot_graph --set train.cuda_graph=true
   for run in omniglot omniglot_graph; do
   "$PYTHON" - "$WORK/$run/omniglot_5w1s_maml_gpu60s/metrics.jsonl" <<'PY' || true
 import json, sys

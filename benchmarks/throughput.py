@@ -145,8 +145,14 @@ def higher_step(model: torch.nn.Module, batch: mt.TaskBatch, lr: float, steps: i
             (F.cross_entropy(fm(batch.query_x[t]), batch.query_y[t]) / T).backward()
 
 
+def amp_dtype(args) -> torch.dtype | None:
+    """``--autocast``: the dtype metattn's meta-loss runs under, or None."""
+    return torch.bfloat16 if args.autocast == "bf16" else None
+
+
 def make_method(name: str, model: torch.nn.Module, wl: Workload, chunk_size: int | None,
-                checkpoint: bool, check_finite: bool = True, autocast: str = "none"):
+                checkpoint: bool, check_finite: bool = True,
+                autocast: torch.dtype | None = None):
     """(step function that accumulates meta-gradients into .grad, params for the optimiser,
     the metattn learner or None)."""
     ctx = mt.double_backward if wl.double_backward else nullcontext
@@ -159,8 +165,7 @@ def make_method(name: str, model: torch.nn.Module, wl: Workload, chunk_size: int
         dev = next(model.parameters()).device.type
 
         def step(batch):
-            with (torch.autocast(dev, dtype=torch.bfloat16) if autocast == "bf16"
-                  else nullcontext()):
+            with torch.autocast(dev, dtype=autocast, enabled=autocast is not None):
                 loss, _ = learner.meta_loss(batch)
             loss.backward()
         return step, list(learner.parameters()), learner
@@ -255,13 +260,11 @@ class Runner:
         self.graphed = bool(args.cuda_graph and ours and device.type == "cuda")
         self.step, params, learner = make_method(
             name, self.model, wl, args.chunk_size, args.checkpoint,
-            check_finite=args.check_finite == "on", autocast=args.autocast if ours else "none")
+            check_finite=args.check_finite == "on", autocast=amp_dtype(args) if ours else None)
         self.opt = torch.optim.Adam(params, lr=1e-3, foreach=True, capturable=self.graphed)
         # metattn.perf.CUDAGraphStep: 2 eager warm-up steps, the capture at the 3rd
-        self.graph_step = CUDAGraphStep(
-            learner, self.opt, warmup=2,
-            autocast=torch.bfloat16 if args.autocast == "bf16" else None) if self.graphed \
-            else None
+        self.graph_step = CUDAGraphStep(learner, self.opt, warmup=2,
+                                        autocast=amp_dtype(args)) if self.graphed else None
         self.times: list[float] = []
         self.cpu_times: list[float] = []
 
@@ -326,11 +329,10 @@ def graph_check(method: str, wl: Workload, base: torch.nn.Module,
         model = copy.deepcopy(base)
         step, params, learner = make_method(method, model, wl, args.chunk_size,
                                             args.checkpoint, check_finite=False,
-                                            autocast=args.autocast)
+                                            autocast=amp_dtype(args))
         opt = torch.optim.Adam(params, lr=1e-3, foreach=True, capturable=True)
         start = [p.detach().clone() for p in params]
-        stepper = CUDAGraphStep(learner, opt, warmup=1,
-                                autocast=torch.bfloat16 if args.autocast == "bf16" else None)
+        stepper = CUDAGraphStep(learner, opt, warmup=1, autocast=amp_dtype(args))
         for i in range(steps):
             if graphed:
                 stepper(batches[i % len(batches)])

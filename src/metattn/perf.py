@@ -128,6 +128,9 @@ class CUDAGraphStep:
         self.loss: torch.Tensor | None = None
         self.metrics: dict[str, torch.Tensor] = {}
 
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
     def _eager(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self.optimizer.zero_grad(set_to_none=True)
         return self._body(batch)
@@ -136,7 +139,7 @@ class CUDAGraphStep:
         self.static = TaskBatch(*(t.clone() for t in (batch.support_x, batch.support_y,
                                                       batch.query_x, batch.query_y)),
                                 n_way=batch.n_way, k_shot=batch.k_shot)
-        missing = [p for g in self.optimizer.param_groups for p in g["params"]
+        missing = [p for p in self._params()
                    if p.grad is not None and p not in self.optimizer.state]
         if missing:
             raise ConfigError(
@@ -163,8 +166,7 @@ class CUDAGraphStep:
             loss, metrics = self.learner.meta_loss(batch, self.loss_fn)
         loss.backward()
         if self.grad_clip:  # no host sync (error_if_nonfinite stays off): capturable
-            torch.nn.utils.clip_grad_norm_(
-                [p for g in self.optimizer.param_groups for p in g["params"]], self.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self._params(), self.grad_clip)
         self.optimizer.step()
         return loss.detach(), {k: v.detach() for k, v in metrics.items()}
 

@@ -363,6 +363,14 @@ class TimeBudget:
         self.cfg.train.steps = max(steps, step)  # the recipe's loop ends there, saves, evaluates
         self.stopped_by_budget = self.cfg.train.steps < self.cap
 
+    def end_if_spent(self, step: int, elapsed: float) -> None:
+        """Between log steps (the recipe calls it after every step in one process): when the
+        time is up, end the run at this step, which is then logged, saved and evaluated as
+        the last, instead of at the next log step (with log_every 100 and 4 s steps that was
+        up to 400 s late)."""
+        if elapsed >= self.seconds and step < self.cfg.train.steps:
+            self.cfg.train.steps = step
+
 
 class _Progress:
     """A rich progress bar on rank 0 (quiet when disabled or not on a terminal)."""
@@ -471,20 +479,24 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
     if cfg.train.meta_batch % world:
         raise ConfigError(f"train.meta_batch={cfg.train.meta_batch} does not split over "
                           f"{world} processes; use a multiple of {world}")
-    if cfg.train.cuda_graph and cfg.task.get("curriculum"):
-        raise ConfigError("train.cuda_graph=true replays fixed episode shapes, but "
-                          "task.curriculum changes them during the run; set one of them off")
-    for key in ("msl_steps", "second_order_start", "checkpoint"):
-        if cfg.train.cuda_graph and cfg.learner.get(key):
+    if cfg.train.cuda_graph:
+        # refused from the config, before anything is written (CUDAGraphStep, built after
+        # the learner, checks the learner itself)
+        if cfg.task.get("curriculum"):
+            raise ConfigError("train.cuda_graph=true replays fixed episode shapes, but "
+                              "task.curriculum changes them during the run; set one of them "
+                              "off")
+        for key in ("msl_steps", "second_order_start", "checkpoint"):
+            if cfg.learner.get(key):
+                raise ConfigError(
+                    f"train.cuda_graph=true cannot replay learner.{key}={cfg.learner[key]!r} "
+                    "(MAML++ schedules change with the outer step; checkpointed inner steps "
+                    f"save the RNG state): set learner.{key} off or train.cuda_graph=false")
+        if device.type != "cuda" or world > 1:
             raise ConfigError(
-                f"train.cuda_graph=true cannot replay learner.{key}={cfg.learner[key]!r} "
-                "(MAML++ schedules change with the outer step; checkpointed inner steps save "
-                f"the RNG state): set learner.{key} off or train.cuda_graph=false")
-    if cfg.train.cuda_graph and (device.type != "cuda" or world > 1):
-        raise ConfigError(
-            f"train.cuda_graph=true replays the meta-step from a CUDA graph in one process; "
-            f"this run has device {device} and {world} process(es): set "
-            "train.cuda_graph=false" + ("" if device.type == "cuda" else " on the CPU"))
+                f"train.cuda_graph=true replays the meta-step from a CUDA graph in one "
+                f"process; this run has device {device} and {world} process(es): set "
+                "train.cuda_graph=false" + ("" if device.type == "cuda" else " on the CPU"))
     run_dir = Path(out_dir)
     ckpt_path = run_dir / checkpoint.WEIGHTS
     written_config: list[bytes | None] = [None]
@@ -703,13 +715,8 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
             tasks_window += cfg.train.meta_batch
             for k, v in metrics.items():
                 window.setdefault(k, []).append(v)
-            if (budget is not None and world == 1 and elapsed >= budget.seconds
-                    and step < cfg.train.steps):
-                # time is up between two log steps: end here, not at the next log step (with
-                # log_every 100 and 4 s steps that was up to 400 s late); this step is logged,
-                # saved and evaluated as the last. Under torchrun rank 0's clock decides, at
-                # the log steps.
-                cfg.train.steps = step
+            if budget is not None and world == 1:  # (under torchrun: at log steps only)
+                budget.end_if_spent(step, elapsed)
 
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 now = time.perf_counter()

@@ -495,9 +495,7 @@ class MAML(Learner):
         outs = []
         for t in range(num_units):
             s_t, q_t, o_t = one_task(t)
-            # Python-float weights (no host-to-device copy: a CUDA graph can capture this)
-            loss_t = torch.stack([q_t[..., j] * wj for j, wj in enumerate(weights)]
-                                 ).sum() / num_tasks
+            loss_t = _weighted(q_t, weights).sum() / num_tasks
             mine = _graph_leaves(loss_t)
             for leaf in mine:
                 if id(leaf) not in where:
@@ -648,8 +646,7 @@ class MAML(Learner):
         with _shape_errors(batch):
             s, q, o, loss = self._run(batch, loss_fn, n, first_order, record, weights=w)
         if loss is None:
-            # Python-float weights: no host-to-device copy, so a CUDA graph can capture this
-            loss = torch.stack([q[:, j] * wj for j, wj in enumerate(w)], -1).sum(-1).mean()
+            loss = _weighted(q, w).mean()
         metrics = {"loss": q[:, -1].mean().detach()}
         if n > 0:
             metrics["support_loss"] = s[:, 0].mean().detach()
@@ -729,6 +726,12 @@ def _shape_errors(batch: TaskBatch):
             f"the model could not run on this batch (support_x {tuple(batch.support_x.shape)}, "
             f"support_y {tuple(batch.support_y.shape)}): {msg}; check that the model's input "
             "size (e.g. model.in_features) matches the data") from e
+
+
+def _weighted(q: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """Each task's query losses ``q[..., j]`` (one per recorded inner step) weighted and
+    summed. Python-float weights: no host-to-device copy, so a CUDA graph can capture it."""
+    return torch.stack([q[..., j] * wj for j, wj in enumerate(weights)], -1).sum(-1)
 
 
 def _graph_leaves(t: torch.Tensor) -> list[torch.Tensor]:
