@@ -40,6 +40,7 @@ from metattn import checkpoint
 from metattn.config import RunConfig, from_dict, load
 from metattn.meta import baselines as bl
 from metattn.meta.baselines import error_vs_k
+from metattn.perf import tune_cpu_allocator
 from metattn.reports import fmt, print_table
 from metattn.train import TimeBudget, build, pick_device, train
 
@@ -332,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--steps", type=int, help="train this many steps (runs not given)")
     common.add_argument("--minutes", type=float,
                         help="train this many minutes (a TimeBudget ends the run on time)")
+    common.add_argument("--malloc-tune", action=argparse.BooleanOptionalAction, default=True,
+                        help="glibc mallopt: keep freed memory, as `metattn train` does")
     lin = sub.add_parser("linear", parents=[common], help="error-vs-k table and plot")
     lin.add_argument("--config", default=str(ROOT / "configs" / "icl_linear_d5_cpu.yaml"))
     lin.add_argument("--set", action="append", default=[], help="config override key=value")
@@ -354,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    if args.malloc_tune:
+        tune_cpu_allocator()
     return linear(args) if args.part == "linear" else sinusoid(args)
 
 

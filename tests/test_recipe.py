@@ -91,6 +91,23 @@ def test_cli_train_then_eval(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+@pytest.mark.parametrize("opt_out", [[], ["--no-malloc-tune"], "env"])
+def test_cli_tunes_the_cpu_allocator_unless_told_not_to(tmp_path, opt_out):
+    """The command line keeps freed CPU memory in its process (metattn.perf) and says so in
+    summary.json; the flag or METATTN_MALLOC_TUNE=0 opts out. A fresh process each: the
+    setting is process-wide."""
+    env = {**os.environ, "METATTN_MALLOC_TUNE": "0" if opt_out == "env" else "1"}
+    flags = opt_out if isinstance(opt_out, list) else []
+    out = tmp_path / "r"
+    proc = subprocess.run([sys.executable, "-m", "metattn", "train", str(write_cfg(tmp_path)),
+                           "--out", str(out), "--set", "train.steps=2", *flags], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    tuned = json.loads((out / "summary.json").read_text())["malloc_tuned"]
+    assert tuned is (opt_out == [])
+
+
 @pytest.mark.parametrize("log_every, schedule", [(1, "constant"), (3, "constant"),
                                                   (1, "cosine")])
 def test_resume_after_a_crash_gives_the_same_losses(tmp_path, log_every, schedule):

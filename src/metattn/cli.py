@@ -16,11 +16,22 @@ from pathlib import Path
 from metattn.errors import MetattnError
 
 
+def _tune_allocator(args: argparse.Namespace) -> None:
+    """The CLI owns its process, so it keeps freed CPU memory in it (see
+    :func:`metattn.perf.tune_cpu_allocator`; 1.5x faster Conv-4 steps on 2 CPU cores) unless
+    ``--no-malloc-tune`` or ``METATTN_MALLOC_TUNE=0`` says otherwise."""
+    if args.malloc_tune and os.environ.get("METATTN_MALLOC_TUNE", "1") != "0":
+        from metattn.perf import tune_cpu_allocator
+
+        tune_cpu_allocator()
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from metattn.config import load
     from metattn.train import train
 
     cfg = load(args.config, args.set)
+    _tune_allocator(args)
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     summary = train(cfg, out, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the run
@@ -45,6 +56,7 @@ def _print_summary(summary: dict, out: Path) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from metattn.train import evaluate_run
 
+    _tune_allocator(args)
     summary = evaluate_run(args.run_dir, args.episodes, args.device, args.threads)
     _print_summary(summary, Path(args.run_dir))
     print(f"  wrote {Path(args.run_dir) / 'eval.json'}")
@@ -83,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--device", default=None, help="evaluate on this device (default: the run's)")
     e.add_argument("--threads", type=_positive, default=None, help="CPU threads")
     e.set_defaults(fn=_cmd_eval)
+    for cmd in (t, e):
+        cmd.add_argument("--malloc-tune", action=argparse.BooleanOptionalAction, default=True,
+                         help="keep freed CPU memory in the process (glibc mallopt; default "
+                              "on, also off with METATTN_MALLOC_TUNE=0): large CPU tensors "
+                              "are not page-faulted in again on every step")
     k = sub.add_parser("kinds", help="list the registered task, model and learner kinds")
     k.set_defaults(fn=_cmd_kinds)
     args = p.parse_args(argv)

@@ -26,7 +26,7 @@ from metattn.config import RunConfig, config_diff, dump
 from metattn.data.tasks import TaskBatch, fixed_episodes, mean_ci95, split_finite
 from metattn.errors import CheckpointError, ConfigError, MetattnError
 from metattn.meta.base import Learner, eval_mode
-from metattn.perf import CUDAGraphStep
+from metattn.perf import CUDAGraphStep, cpu_allocator_tuned
 
 # Keys that may differ between a run and its resumption (they do not change the maths).
 # ``eval.chunk`` is not among them: with the seed it fixes which test episodes are drawn.
@@ -815,6 +815,7 @@ def final_evaluation(cfg: RunConfig, learner: Learner, test_tasks: Any, run_dir:
         "eval_inner_steps": getattr(learner, "eval_inner_steps", None),
         "device": str(device),
         "torch": torch.__version__,
+        "malloc_tuned": cpu_allocator_tuned(),
         "results": res,
         **(extra or {}),
     }
