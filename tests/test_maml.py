@@ -352,6 +352,21 @@ def test_taskbatch_errors_name_the_field():
         mt.TaskBatch(torch.randn(5), y, x, y)
 
 
+def test_taskbatch_slices_and_moves_without_reading_the_labels_again():
+    # a cut or moved batch keeps the checked labels: reading them back (a host sync on a
+    # GPU) is what a CUDA-graph capture of MAML's chunks cannot do; shapes are checked still
+    x, y = torch.randn(4, 5, 3), torch.randint(0, 3, (4, 5))
+    batch = mt.TaskBatch(x, y, x, y.clone(), n_way=3, k_shot=1)
+    batch.query_y.fill_(7)  # out of range behind the batch's back
+    part = batch.slice(1, 3)
+    assert part.num_tasks == 2 and part.n_way == 3 and part.k_shot == 1
+    assert batch.to("cpu", torch.float64).support_x.dtype == torch.float64
+    with pytest.raises(TaskError, match="labels in"):  # a new batch is checked in full
+        mt.TaskBatch(part.support_x, part.support_y, part.query_x, part.query_y, n_way=3)
+    with pytest.raises(TaskError, match="0 tasks"):
+        batch.slice(2, 2)
+
+
 def test_learner_params_include_rates_for_outer_optimiser():
     m, _ = make("mlp")
     learner = mt.MetaSGD(m)

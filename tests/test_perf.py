@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -52,7 +53,15 @@ def test_graph_step_refuses_a_cpu_batch_and_trains_nothing():
 def test_graph_step_equals_eager_steps_on_cuda():
     # 2 eager warm-up calls, the capture, then replays: every call is a true meta-step, so
     # the parameters follow the eager loop's (same kernels; TF32 off for a tight match)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _graph_equals_eager()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _graph_equals_eager():
     gen = torch.Generator().manual_seed(0)
     batches = [SinusoidTasks(k_shot=5, k_query=5).sample(8, gen).to("cuda") for _ in range(3)]
     base = _learner().cuda()
@@ -82,6 +91,28 @@ def test_graph_step_equals_eager_steps_on_cuda():
         step(SinusoidTasks(k_shot=3, k_query=5).sample(8, gen).to("cuda"))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graph_step_captures_chunked_classification_on_cuda():
+    # vmap in chunks slices the batch inside the captured step; a classification batch's
+    # label check would read the GPU there (a review found it before any GPU run did)
+    from metattn import TaskBatch
+
+    g = torch.Generator().manual_seed(0)
+    T, n, k, q = 8, 3, 2, 4
+    batch = TaskBatch(torch.randn(T, n * k, 6, generator=g),
+                      torch.arange(n).repeat_interleave(k).repeat(T, 1),
+                      torch.randn(T, n * q, 6, generator=g),
+                      torch.arange(n).repeat_interleave(q).repeat(T, 1),
+                      n_way=n, k_shot=k).to("cuda")
+    torch.manual_seed(0)
+    learner = MAML(MLP(6, [16], n), inner_lr=0.1, vectorize=True, chunk_size=2).cuda()
+    opt = torch.optim.Adam(learner.parameters(), 1e-2, capturable=True)
+    step = CUDAGraphStep(learner, opt, warmup=1)
+    losses = [float(step(batch)[0]) for _ in range(4)]
+    assert step.graph is not None
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
 def test_recipe_refuses_cuda_graph_where_it_cannot_run(tmp_path):
     from metattn.config import from_dict
     from metattn.train import train
@@ -100,6 +131,10 @@ def test_recipe_refuses_cuda_graph_where_it_cannot_run(tmp_path):
                             "curriculum": {"d_start": 2, "every": 5}}}
     with pytest.raises(ConfigError, match="task.curriculum"):
         train(from_dict(icl), tmp_path / "icl")
+    proto = {**base, "learner": {"kind": "protonet"}}  # checks episodes on the host
+    with pytest.raises(ConfigError, match="learner.kind='protonet'"):
+        train(from_dict(proto), tmp_path / "proto")
+    assert not (tmp_path / "proto").exists()
 
 
 def test_checkpoint_stores_a_tensor_learning_rate_as_a_number(tmp_path):

@@ -69,6 +69,15 @@ def cpu_allocator_tuned() -> bool:
     return _tuned
 
 
+def _check_capturable(optimizer: torch.optim.Optimizer) -> None:
+    for group in optimizer.param_groups:
+        if not group.get("capturable", False):
+            raise ConfigError(
+                f"CUDAGraphStep: {type(optimizer).__name__} was built without "
+                "capturable=True; build it with capturable=True (e.g. torch.optim.Adam("
+                "params, lr, capturable=True)) so its step can be captured")
+
+
 class CUDAGraphStep:
     """``step(batch) -> (loss, metrics)``: one meta-step of ``learner`` with ``optimizer``
     (zero_grad, ``meta_loss``, backward, ``optimizer.step()``), replayed from a CUDA graph.
@@ -101,12 +110,7 @@ class CUDAGraphStep:
     def __init__(self, learner: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  warmup: int = 3, loss_fn: Any = None,
                  autocast: torch.dtype | None = None, grad_clip: float | None = None) -> None:
-        for group in optimizer.param_groups:
-            if not group.get("capturable", False):
-                raise ConfigError(
-                    f"CUDAGraphStep: {type(optimizer).__name__} was built without "
-                    "capturable=True; build it with capturable=True (e.g. torch.optim.Adam("
-                    "params, lr, capturable=True)) so its step can be captured")
+        _check_capturable(optimizer)
         if int(warmup) < 1:
             raise ConfigError(
                 f"CUDAGraphStep: warmup={warmup}; use warmup >= 1: the optimiser creates its "
@@ -143,6 +147,7 @@ class CUDAGraphStep:
         self.static = TaskBatch(*(t.clone() for t in (batch.support_x, batch.support_y,
                                                       batch.query_x, batch.query_y)),
                                 n_way=batch.n_way, k_shot=batch.k_shot)
+        _check_capturable(self.optimizer)  # again: a resumed state may have changed it
         missing = [p for p in self._params()
                    if p.grad is not None and p not in self.optimizer.state]
         if missing:
@@ -150,6 +155,7 @@ class CUDAGraphStep:
                 f"CUDAGraphStep: {len(missing)} parameter(s) have no optimiser state after the "
                 "warm-up, so the capture would create it and every replay would reset it; "
                 "raise warmup")
+        had_state = set(self.optimizer.state)
         graph = torch.cuda.CUDAGraph()
         checks = getattr(self.learner, "check_finite", None)
         if checks:  # a NaN check reads the loss on the host: not allowed while capturing
@@ -158,10 +164,24 @@ class CUDAGraphStep:
             self.optimizer.zero_grad(set_to_none=True)
             with torch.cuda.graph(graph):
                 self.loss, self.metrics = self._body(self.static, cache=False)
+        except RuntimeError as err:
+            if "captur" not in str(err).lower():
+                raise
+            raise ConfigError(
+                f"CUDAGraphStep: {type(self.learner).__name__}.meta_loss cannot be captured "
+                f"({err}); it reads a GPU value on the host (an .item(), a data-dependent "
+                "shape or a check). MAML-family learners capture; train this one with eager "
+                "steps") from err
         finally:
             if checks:
                 self.learner.check_finite = checks
-        self.graph = graph  # only a completed capture is ever replayed
+        born = [p for p in self.optimizer.state if p not in had_state]
+        if born:  # a parameter first used in the capture: its state would reset each replay
+            raise ConfigError(
+                f"CUDAGraphStep: {len(born)} parameter(s) got their first gradient inside the "
+                "capture, so their optimiser state was made there and every replay would "
+                "reset it; raise warmup so that every parameter is used before the capture")
+        self.graph = graph  # only a completed, checked capture is ever replayed
 
     def _body(self, batch: TaskBatch, cache: bool = True
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

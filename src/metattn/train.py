@@ -486,6 +486,11 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
             raise ConfigError("train.cuda_graph=true replays fixed episode shapes, but "
                               "task.curriculum changes them during the run; set one of them "
                               "off")
+        if cfg.learner.get("kind") != "maml":
+            raise ConfigError(
+                f"train.cuda_graph=true replays MAML-family meta-steps; learner.kind="
+                f"{cfg.learner.get('kind')!r} checks its episodes on the host inside the step "
+                "(which a CUDA graph cannot capture): set train.cuda_graph=false")
         for key in ("msl_steps", "second_order_start", "checkpoint"):
             if cfg.learner.get(key):
                 raise ConfigError(
@@ -574,7 +579,7 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
         # train.cuda_graph may differ from the run that wrote the checkpoint: the optimiser's
         # saved groups would restore ITS capturable flag (and place Adam's step by it)
         for group in (state.get("optimizer") or {}).get("param_groups", []):
-            if "capturable" in group:
+            if "capturable" in group or "capturable" in opt.defaults:
                 group["capturable"] = bool(cfg.train.cuda_graph)
         checkpoint.restore(tensors, state, learner, opt)
         sched.load_state_dict(state["scheduler"])

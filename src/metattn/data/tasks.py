@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 import numpy as np
@@ -43,15 +43,17 @@ class TaskBatch:
     def __len__(self) -> int:
         return self.num_tasks
 
-    def validate(self) -> None:
-        """Raise :class:`TaskError` naming the field and the fix if the batch is malformed."""
-        fields = {
+    def validate(self, labels: bool = True) -> None:
+        """Raise :class:`TaskError` naming the field and the fix if the batch is malformed.
+        ``labels=False`` skips the label-range check, which reads the labels (a host sync on
+        a GPU): batches cut or moved from a checked one skip it (see :meth:`_derive`)."""
+        tensors = {
             "support_x": self.support_x,
             "support_y": self.support_y,
             "query_x": self.query_x,
             "query_y": self.query_y,
         }
-        for name, t in fields.items():
+        for name, t in tensors.items():
             if not isinstance(t, torch.Tensor):
                 raise TaskError(
                     f"TaskBatch.{name} must be a torch.Tensor, got {type(t).__name__}; "
@@ -64,7 +66,7 @@ class TaskBatch:
                     f"{name}.unsqueeze(0)"
                 )
         T = self.support_x.shape[0]
-        for name, t in fields.items():
+        for name, t in tensors.items():
             if t.shape[0] != T:
                 raise TaskError(
                     f"TaskBatch.{name} has {t.shape[0]} tasks but support_x has {T}; every "
@@ -102,14 +104,14 @@ class TaskBatch:
             if self.n_way < 1:
                 raise TaskError(f"TaskBatch.n_way={self.n_way}; it must be >= 1")
             for name in ("support_y", "query_y"):
-                y = fields[name]
+                y = tensors[name]
                 if y.dtype.is_floating_point or y.dtype == torch.bool:
                     raise TaskError(
                         f"TaskBatch.{name} has dtype {y.dtype} but n_way={self.n_way} marks a "
                         "classification task; use integer labels (y.long()) or n_way=None "
                         "for regression"
                     )
-                if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.n_way):
+                if labels and y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.n_way):
                     raise TaskError(
                         f"TaskBatch.{name} holds labels in [{int(y.min())}, {int(y.max())}] "
                         f"but n_way={self.n_way} needs labels in [0, {self.n_way}); "
@@ -124,8 +126,7 @@ class TaskBatch:
                 return t.to(device=device, dtype=dtype, non_blocking=True)
             return t.to(device=device, non_blocking=True)
 
-        return replace(
-            self,
+        return self._derive(
             support_x=mv(self.support_x),
             support_y=mv(self.support_y),
             query_x=mv(self.query_x),
@@ -133,14 +134,24 @@ class TaskBatch:
             info={k: v.to(device) for k, v in self.info.items()},
         )
 
+    def _derive(self, **changes: torch.Tensor | dict) -> TaskBatch:
+        """``dataclasses.replace`` for a batch moved or cut from this one: shapes are checked
+        again, but not the label range, which these labels already passed. That check reads
+        the labels back to the host, which a CUDA graph capture forbids (MAML's chunks slice
+        the batch inside the captured step)."""
+        new = object.__new__(type(self))
+        for f in fields(self):
+            setattr(new, f.name, changes.get(f.name, getattr(self, f.name)))
+        new.validate(labels=False)
+        return new
+
     def task(self, i: int) -> TaskBatch:
         """The ``i``-th task as a batch of one."""
         return self.slice(i, i + 1)
 
     def slice(self, start: int, stop: int) -> TaskBatch:
         """Tasks ``start:stop`` (used to split a meta-batch across DDP ranks or chunks)."""
-        return replace(
-            self,
+        return self._derive(
             support_x=self.support_x[start:stop],
             support_y=self.support_y[start:stop],
             query_x=self.query_x[start:stop],
