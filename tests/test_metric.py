@@ -342,6 +342,23 @@ def test_conv4_pool_before_relu_is_the_textbook_block_exactly() -> None:
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_conv4_without_the_last_pool_keeps_the_3x3_map() -> None:
+    """pool_last=False: 576 features for 28x28 (64 x 3 x 3), the same parameter names, and
+    pooling its map gives the standard Conv4's features exactly."""
+    torch.manual_seed(0)
+    full = Conv4(1, 5, hidden=64, image_size=28)
+    wide = Conv4(1, 5, hidden=64, image_size=28, pool_last=False)
+    assert wide.feature_dim == 576 and full.feature_dim == 64
+    assert list(wide.state_dict()) == list(full.state_dict())
+    wide.load_state_dict({k: v for k, v in full.state_dict().items() if "head" not in k},
+                         strict=False)
+    x = torch.randn(6, 1, 28, 28)
+    f = wide.features(x)
+    assert f.shape == (6, 576) and wide(x).shape == (6, 5)
+    pooled = torch.nn.functional.max_pool2d(f.view(6, 64, 3, 3), 2).flatten(1)
+    assert torch.equal(pooled, full.features(x))
+
+
 def test_conv4_running_statistics_at_evaluation() -> None:
     """track_running_stats: training episodes update running averages, evaluation uses them
     (an image's embedding no longer depends on its episode); the default keeps batch stats."""

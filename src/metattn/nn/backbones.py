@@ -58,6 +58,9 @@ class Conv4(nn.Module):
     the ReLU then runs on a quarter of the values. Parameter names are those of the textbook
     order, so checkpoints are interchangeable.
 
+    ``pool_last=False`` drops the last block's max-pool, so a 28x28 image gives a 64 x 3 x 3
+    map (576 features for metric learners) instead of 64 x 1 x 1; the parameters are the same.
+
     ``channels_last=True`` keeps weights and activations in NHWC order (same numbers): oneDNN's
     CPU convolutions are faster so (measured, 180 images, one core: 1.3-1.5x for forward +
     backward). Leave it off under vmap (MAML's vectorised path), which batches 5-D inputs.
@@ -65,7 +68,7 @@ class Conv4(nn.Module):
 
     def __init__(self, in_channels: int = 1, n_classes: int = 5, hidden: int = 64,
                  image_size: int = 28, channels_last: bool = False,
-                 track_running_stats: bool = False):
+                 track_running_stats: bool = False, pool_last: bool = True):
         super().__init__()
         _positive(Conv4=[in_channels, n_classes, hidden])
         if image_size < 16:
@@ -76,15 +79,18 @@ class Conv4(nn.Module):
         blocks: list[nn.Module] = []
         c = in_channels
         size = image_size
-        for _ in range(4):
+        for i in range(4):
+            pool = pool_last or i < 3
             blocks += [
                 nn.Conv2d(c, hidden, 3, padding=1),
                 nn.BatchNorm2d(hidden, track_running_stats=track_running_stats),
-                nn.MaxPool2d(2),  # before the ReLU: same values, 4x fewer ReLUs (see above)
+                # before the ReLU: same values, 4x fewer ReLUs (see above); Identity keeps
+                # the parameter names when the last block does not pool
+                nn.MaxPool2d(2) if pool else nn.Identity(),
                 nn.ReLU(),
             ]
             c = hidden
-            size //= 2
+            size = size // 2 if pool else size
         self.body = nn.Sequential(*blocks)
         self.feature_dim = hidden * size**2
         self.head = nn.Linear(self.feature_dim, n_classes)
