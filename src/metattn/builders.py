@@ -26,6 +26,7 @@ def sinusoid(split: str, k_shot: int = 10, k_query: int = 10, noise_std: float =
 # ------------------------------------------------------------------ models
 @register("model", "mlp")
 def mlp(in_features: int = 1, hidden: list[int] = (40, 40), out_features: int = 1) -> nn.Module:
+    """ReLU MLP; the MAML paper's sinusoid regressor is the default (1 -> 40 -> 40 -> 1)."""
     return MLP(in_features, list(hidden), out_features)
 
 
@@ -44,6 +45,7 @@ def conv4(in_channels: int = 1, n_classes: int = 5, hidden: int = 64, image_size
 def vit(in_channels: int = 1, n_classes: int = 5, image_size: int = 28, patch_size: int = 7,
         d_model: int = 64, n_heads: int = 4, n_layers: int = 2, d_ff: int | None = None,
         dropout: float = 0.0) -> nn.Module:
+    """Small ViT-style encoder: non-overlapping patches, learned positions, Transformer."""
     return ViT(in_channels, n_classes, image_size, patch_size, d_model, n_heads, n_layers, d_ff,
                dropout)
 
@@ -52,6 +54,8 @@ def vit(in_channels: int = 1, n_classes: int = 5, image_size: int = 28, patch_si
 def token_transformer(vocab_size: int = 1000, max_len: int = 32, n_classes: int = 5,
                       d_model: int = 128, n_heads: int = 4, n_layers: int = 2, d_ff: int = 256,
                       dropout: float = 0.0) -> nn.Module:
+    """Token embedding + learned positions + Transformer, mean-pooled: the transformer
+    workload of benchmarks/throughput.py."""
     return TokenTransformer(vocab_size, max_len, n_classes, d_model, n_heads, n_layers, d_ff,
                             dropout)
 

@@ -75,6 +75,8 @@ def plot_maml_vs_icl(maml: Any, icl: Any, path: Path, k_shot: int = 10, n_tasks:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``make demo``: meta-train MAML and the in-context learner on sinusoids, compare them
+    on the same test tasks and write the plots; returns the exit status."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--config", default=str(CONFIG))

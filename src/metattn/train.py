@@ -213,7 +213,8 @@ def headline(result: dict[str, Any], n_way: int | None) -> tuple[str, float, flo
     return key, float(result[key]), float(result[f"{key}_ci95"])
 
 
-def make_optimizer(cfg: RunConfig, learner: Learner, device: torch.device | None = None):
+def make_optimizer(cfg: RunConfig, learner: Learner, device: torch.device | None = None
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """The optimiser and its learning-rate schedule. With ``train.cuda_graph`` Adam/AdamW are
     built ``capturable`` with the rate as a tensor on ``device``, so that the schedule's
     in-place updates reach a replayed CUDA graph (a float rate would be frozen into it)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +63,8 @@ class SinusoidTasks:
             info={"amplitude": amp.view(-1), "phase": phase.view(-1)},
         )
 
-    def plot(self, learner, path, seed: int = 0, n_tasks: int = 4) -> None:
+    def plot(self, learner: Any, path: str | os.PathLike, seed: int = 0,
+             n_tasks: int = 4) -> None:
         """PNG of adapted curves against the ground truth on ``n_tasks`` seeded test tasks."""
         import matplotlib
 
