@@ -357,3 +357,23 @@ def test_builder_schema(tiny_root: Path) -> None:
         build("task", {**spec, "protocol": "lake"}, "test")
     with pytest.raises(ConfigError, match="k_shots"):
         build("task", {**spec, "k_shots": 1}, "test")
+
+
+def test_sampler_skips_only_the_label_read_back(tiny_root: Path, monkeypatch) -> None:
+    """Episodes' labels are 0..n-1 by construction: the sampler does not read them back (a
+    host sync per step on a GPU); shapes are still checked."""
+    from metattn.data.tasks import TaskBatch
+
+    calls: list[bool] = []
+    real = TaskBatch.validate
+
+    def spy(self, labels: bool = True) -> None:
+        calls.append(labels)
+        real(self, labels)
+
+    monkeypatch.setattr(TaskBatch, "validate", spy)
+    tasks = OmniglotTasks("train", n_way=3, k_shot=1, k_query=2, protocol="background",
+                          root=tiny_root)
+    batch = tasks.sample(2, torch.Generator().manual_seed(0))
+    assert calls == [False]
+    assert batch.support_y.tolist() == [[0, 1, 2]] * 2

@@ -417,6 +417,24 @@ def _check_loss(loss: torch.Tensor, step: int, run_dir: Path, note: str = "") ->
             "train.grad_clip")
 
 
+def _scheduled_lr(sched: torch.optim.lr_scheduler.LambdaLR, base_lr: float) -> float:
+    """The rate LambdaLR has set for the coming step, computed on the host (equal to the
+    optimiser's ``lr``, which under ``train.cuda_graph`` is a device tensor)."""
+    return base_lr * sched.lr_lambdas[0](sched.last_epoch)
+
+
+def _check_window(losses: list[torch.Tensor], step: int, run_dir: Path) -> None:
+    """:func:`_check_loss` for the steps since the last log line, in one host sync (the
+    CUDA-graph path defers it so that the host never waits for a replay)."""
+    if not losses:
+        return
+    bad = (~torch.isfinite(torch.stack(losses).reshape(len(losses), -1).sum(1))).nonzero()
+    if len(bad):
+        first = int(bad[0, 0])
+        _check_loss(losses[first], step - len(losses) + 1 + first, run_dir,
+                    f" (a replayed step; found at step {step}, where train.cuda_graph checks)")
+
+
 def _reduce_step(metrics: dict[str, torch.Tensor], loss: torch.Tensor, stop: bool, world: int
                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
     """Average the step's metrics and loss over ranks (equal slices: the whole-batch mean) and
@@ -676,9 +694,10 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                        f"{cfg.train.steps}{budget_note}, out {run_dir}")
     window: dict[str, list[torch.Tensor]] = {}
     t_window, tasks_window = time.perf_counter(), 0
+    base_lr = float(sched.base_lrs[0])  # (read once: under cuda_graph a device tensor)
     if resume:
         # (floats: the window's mean is taken in float32, which they hold exactly)
-        window = {k: [torch.tensor(x) for x in v]
+        window = {k: [torch.tensor(x, device=device) for x in v]
                   for k, v in (state.get("log_window") or {}).items()}
         tasks_window = state.get("log_tasks", 0)
         t_window -= state.get("log_seconds", 0.0)
@@ -692,14 +711,23 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
             n_way = batch.n_way
             batch = batch.slice(rank * per_rank, (rank + 1) * per_rank).to(device, dtype)
             learner.train()
-            lr_used = float(opt.param_groups[0]["lr"])  # (a tensor under cuda_graph)
             if graph_step is not None:
+                # the rate is a device tensor here: computed on the host instead, so that no
+                # step waits for the GPU (the same LambdaLR factor the scheduler applies)
+                lr_used = _scheduled_lr(sched, base_lr)
                 # the whole step (meta-loss, backward, clip, optimiser) in one replay; its
-                # outputs are overwritten by the next replay, so they are copied
+                # outputs are overwritten by the next replay, so they are copied. The loss
+                # is checked for NaN at the next log step (below), not here: a check now
+                # would make the host wait for every replay before sampling the next batch
                 loss, metrics = graph_step(batch)
-                loss_all, metrics = loss.clone(), {k: v.clone() for k, v in metrics.items()}
-                _check_loss(loss_all, step, run_dir, " (the step has been taken)")
+                metrics = {k: v.clone() for k, v in metrics.items()}
+                metrics.setdefault("loss", loss.clone())
+                if (step + 1) % cfg.train.log_every == 0:
+                    # the host runs ahead of the replays between log lines; here it waits,
+                    # so the training clock (and a time budget) counts the GPU's time
+                    torch.cuda.current_stream(device).synchronize()
             else:
+                lr_used = float(opt.param_groups[0]["lr"])
                 with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
                     loss, metrics = model(batch, None, step)
                 if world > 1:
@@ -725,6 +753,8 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                 budget.end_if_spent(step, elapsed)
 
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                if graph_step is not None:  # the replayed steps' deferred NaN check
+                    _check_window(window.get("loss", []), step, run_dir)
                 now = time.perf_counter()
                 vals = {k: float(torch.stack(v).float().mean()) for k, v in window.items()}
                 vals["tasks_per_s"] = tasks_window / max(now - t_window, 1e-9)

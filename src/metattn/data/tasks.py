@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import InitVar, dataclass, field, fields
 from typing import Protocol
 
 import numpy as np
@@ -22,6 +22,8 @@ class TaskBatch:
     episodes (labels are then integers in ``[0, n_way)``); they are ``None`` for regression.
     ``info`` holds optional per-task tensors with leading dimension ``T`` (e.g. a sinusoid's
     amplitude and phase, or the source class ids) for oracles, plots and interpretation.
+    ``check_labels=False`` (for samplers whose labels are right by construction) skips the
+    label-range check, which reads the labels back from a GPU every step.
     """
 
     support_x: torch.Tensor
@@ -31,9 +33,10 @@ class TaskBatch:
     n_way: int | None = None
     k_shot: int | None = None
     info: dict[str, torch.Tensor] = field(default_factory=dict)
+    check_labels: InitVar[bool] = True
 
-    def __post_init__(self) -> None:
-        self.validate()
+    def __post_init__(self, check_labels: bool = True) -> None:
+        self.validate(labels=check_labels)
 
     @property
     def num_tasks(self) -> int:
@@ -131,7 +134,7 @@ class TaskBatch:
             support_y=mv(self.support_y),
             query_x=mv(self.query_x),
             query_y=mv(self.query_y),
-            info={k: v.to(device) for k, v in self.info.items()},
+            info={k: v.to(device, non_blocking=True) for k, v in self.info.items()},
         )
 
     def _derive(self, **changes: torch.Tensor | dict) -> TaskBatch:
