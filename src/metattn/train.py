@@ -417,21 +417,16 @@ def _check_loss(loss: torch.Tensor, step: int, run_dir: Path, note: str = "") ->
             "train.grad_clip")
 
 
-def _scheduled_lr(sched: torch.optim.lr_scheduler.LambdaLR, base_lr: float) -> float:
-    """The rate LambdaLR has set for the coming step, computed on the host (equal to the
-    optimiser's ``lr``, which under ``train.cuda_graph`` is a device tensor)."""
-    return base_lr * sched.lr_lambdas[0](sched.last_epoch)
-
-
 def _check_window(losses: list[torch.Tensor], step: int, run_dir: Path) -> None:
-    """:func:`_check_loss` for the steps since the last log line, in one host sync (the
-    CUDA-graph path defers it so that the host never waits for a replay)."""
+    """:func:`_check_loss` for the meta-losses of the steps since the last check, in one
+    host sync; ``step`` counts the steps taken (the CUDA-graph path defers the check so that
+    the host never waits for a replay)."""
     if not losses:
         return
     bad = (~torch.isfinite(torch.stack(losses).reshape(len(losses), -1).sum(1))).nonzero()
     if len(bad):
         first = int(bad[0, 0])
-        _check_loss(losses[first], step - len(losses) + 1 + first, run_dir,
+        _check_loss(losses[first], step - len(losses) + first, run_dir,
                     f" (a replayed step; found at step {step}, where train.cuda_graph checks)")
 
 
@@ -645,7 +640,23 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
     n_way = None
     per_rank = cfg.train.meta_batch // world
 
+    replayed: list[torch.Tensor] = []  # train.cuda_graph: meta-losses not yet NaN-checked
+
+    def drain(step: int) -> None:
+        """train.cuda_graph: the host runs ahead of the replays between checks. Wait for them
+        (counted as training time, so a time budget sees the GPU's time) and check their
+        meta-losses for NaN."""
+        nonlocal elapsed
+        if graph_step is None:
+            return
+        t = time.perf_counter()
+        torch.cuda.current_stream(device).synchronize()
+        elapsed += time.perf_counter() - t
+        _check_window(replayed, step, run_dir)
+        replayed.clear()
+
     def save(step: int) -> None:
+        drain(step)
         if not is_main:
             return
         for n, p in learner.named_parameters():
@@ -694,7 +705,6 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                        f"{cfg.train.steps}{budget_note}, out {run_dir}")
     window: dict[str, list[torch.Tensor]] = {}
     t_window, tasks_window = time.perf_counter(), 0
-    base_lr = float(sched.base_lrs[0])  # (read once: under cuda_graph a device tensor)
     if resume:
         # (floats: the window's mean is taken in float32, which they hold exactly)
         window = {k: [torch.tensor(x, device=device) for x in v]
@@ -712,20 +722,16 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
             batch = batch.slice(rank * per_rank, (rank + 1) * per_rank).to(device, dtype)
             learner.train()
             if graph_step is not None:
-                # the rate is a device tensor here: computed on the host instead, so that no
-                # step waits for the GPU (the same LambdaLR factor the scheduler applies)
-                lr_used = _scheduled_lr(sched, base_lr)
+                # the rate is a device tensor here: the scheduler's own copy of it, read
+                # (a host sync) only at the log step
+                lr_used = sched.get_last_lr()[0]
                 # the whole step (meta-loss, backward, clip, optimiser) in one replay; its
                 # outputs are overwritten by the next replay, so they are copied. The loss
                 # is checked for NaN at the next log step (below), not here: a check now
                 # would make the host wait for every replay before sampling the next batch
                 loss, metrics = graph_step(batch)
+                replayed.append(loss.clone())
                 metrics = {k: v.clone() for k, v in metrics.items()}
-                metrics.setdefault("loss", loss.clone())
-                if (step + 1) % cfg.train.log_every == 0:
-                    # the host runs ahead of the replays between log lines; here it waits,
-                    # so the training clock (and a time budget) counts the GPU's time
-                    torch.cuda.current_stream(device).synchronize()
             else:
                 lr_used = float(opt.param_groups[0]["lr"])
                 with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
@@ -749,16 +755,17 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
             tasks_window += cfg.train.meta_batch
             for k, v in metrics.items():
                 window.setdefault(k, []).append(v)
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                drain(step)  # (train.cuda_graph only) before the budget reads the clock
             if budget is not None and world == 1:  # (under torchrun: at log steps only)
                 budget.end_if_spent(step, elapsed)
 
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                if graph_step is not None:  # the replayed steps' deferred NaN check
-                    _check_window(window.get("loss", []), step, run_dir)
+                drain(step)  # (again: a budget may have moved train.steps to this step)
                 now = time.perf_counter()
                 vals = {k: float(torch.stack(v).float().mean()) for k, v in window.items()}
                 vals["tasks_per_s"] = tasks_window / max(now - t_window, 1e-9)
-                vals["lr"] = lr_used  # the rate of the step just taken (not the next one)
+                vals["lr"] = float(lr_used)  # the rate of the step just taken (not the next)
                 vals["seconds"] = elapsed
                 logger.log("train", step, vals)
                 info = "  ".join(f"{k} {vals[k]:.4g}" for k in ("loss", "accuracy") if k in vals)
@@ -774,6 +781,7 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
 
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 \
                     and step < cfg.train.steps:
+                drain(step)  # the replays' time is training time, not evaluation time
                 res = evaluate(learner, eval_sets["periodic"], device, dtype,
                                lambda d, n, s=step: progress.update(
                                    s, f"evaluating: {d}/{n} episodes"), rank, world)

@@ -124,17 +124,21 @@ class TaskBatch:
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TaskBatch:
         """Move every tensor to ``device``; floating inputs are cast to ``dtype`` if given."""
 
+        # non-blocking towards an accelerator only: a copy to the CPU would hand back tensors
+        # that may still be filling
+        nb = torch.device(device).type != "cpu"
+
         def mv(t: torch.Tensor) -> torch.Tensor:
             if dtype is not None and t.dtype.is_floating_point:
-                return t.to(device=device, dtype=dtype, non_blocking=True)
-            return t.to(device=device, non_blocking=True)
+                return t.to(device=device, dtype=dtype, non_blocking=nb)
+            return t.to(device=device, non_blocking=nb)
 
         return self._derive(
             support_x=mv(self.support_x),
             support_y=mv(self.support_y),
             query_x=mv(self.query_x),
             query_y=mv(self.query_y),
-            info={k: v.to(device, non_blocking=True) for k, v in self.info.items()},
+            info={k: v.to(device, non_blocking=nb) for k, v in self.info.items()},
         )
 
     def _derive(self, **changes: torch.Tensor | dict) -> TaskBatch:
