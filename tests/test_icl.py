@@ -463,6 +463,23 @@ def test_disjoint_token_layout():
     assert shared.shape == (2, 10, 3) and torch.equal(shared[:, 1::2, :1], b.support_y)
 
 
+def test_paired_token_layout_puts_x_beside_y():
+    torch.manual_seed(0)
+    model = ICLTransformer(3, d_model=32, n_layers=2, n_heads=4, max_points=8,
+                           token_layout="paired").eval()
+    b = LinearTasks(d=3, k_shot=5, k_query=2).sample(2, gen(4))
+    tok = model.tokens(b.support_x, b.support_y)
+    assert tok.shape == (2, 10, 4)
+    assert torch.equal(tok[:, 0::2, :3], b.support_x) and (tok[:, 0::2, 3] == 0).all()
+    assert torch.equal(tok[:, 1::2, :3], b.support_x)  # the y token carries its x
+    assert torch.equal(tok[:, 1::2, 3:], b.support_y)
+    pred = model.predict(b.support_x, b.support_y, b.query_x)
+    for j in range(2):  # a query sees the context as the last point of a prompt would
+        xs = torch.cat([b.support_x, b.query_x[:, j : j + 1]], 1)
+        ys = torch.cat([b.support_y, b.query_y[:, j : j + 1]], 1)
+        torch.testing.assert_close(pred[:, j], model(xs, ys)[:, -1], rtol=0, atol=1e-5)
+
+
 def test_demo_trains_both_learners_and_prints_one_table(tmp_path, capsys):
     from metattn import demo
 

@@ -48,7 +48,10 @@ class ICLTransformer(nn.Module):
             in the first coordinate, where x_1 sits in x tokens, so only the positional
             embedding tells them apart) or ``"disjoint"`` (tokens are ``d_x + d_y`` wide, x in
             the first d_x coordinates and y in the last d_y: the read-in keeps values and
-            inputs in separate directions, which trains faster on small budgets).
+            inputs in separate directions, which trains faster on small budgets) or
+            ``"paired"`` (as disjoint, but the y token carries its x too, ``[x_i, y_i]``: one
+            attention step can then weigh y_i by how x_i relates to the query, where the
+            other layouts first spend a layer moving x_i next to y_i).
     """
 
     def __init__(
@@ -61,16 +64,17 @@ class ICLTransformer(nn.Module):
         max_points: int = 101,
         d_ff: int | None = None,
         dropout: float = 0.0,
-        token_layout: Literal["shared", "disjoint"] = "shared",
+        token_layout: Literal["shared", "disjoint", "paired"] = "shared",
     ):
         super().__init__()
-        if token_layout not in ("shared", "disjoint"):
+        if token_layout not in ("shared", "disjoint", "paired"):
             raise ConfigError(
-                f"ICLTransformer: token_layout={token_layout!r}; choose 'shared' or 'disjoint'"
+                f"ICLTransformer: token_layout={token_layout!r}; choose 'shared', 'disjoint' "
+                "or 'paired'"
             )
         self.d_x, self.d_y = int(d_x), int(d_y)
         self.token_layout = token_layout
-        disjoint = token_layout == "disjoint"
+        disjoint = token_layout in ("disjoint", "paired")
         self.d_token = self.d_x + self.d_y if disjoint else max(self.d_x, self.d_y)
         # (left, right) zero padding of x and of y values into a token
         self._x_pad = (0, self.d_token - self.d_x)
@@ -89,7 +93,8 @@ class ICLTransformer(nn.Module):
 
     def tokens(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         """``[B, n, d_x]``, ``[B, n, d_y]`` -> interleaved ``[B, 2n, d_token]``: x_1, y_1, ..."""
-        return torch.stack([self._pad_x(xs), self._pad_y(ys)], dim=2).flatten(1, 2)
+        y_tok = torch.cat([xs, ys], -1) if self.token_layout == "paired" else self._pad_y(ys)
+        return torch.stack([self._pad_x(xs), y_tok], dim=2).flatten(1, 2)
 
     def _check_len(self, n_points: int) -> None:
         if n_points > self.max_points:
