@@ -442,42 +442,34 @@ def test_recipe_trains_an_icl_config_with_curriculum_and_writes_the_curve(tmp_pa
     assert summary["results"]["error_vs_k"] == curve
 
 
-def test_disjoint_token_layout():
+@pytest.mark.parametrize("layout", ["disjoint", "paired"])
+def test_token_layouts_with_x_and_y_apart(layout):
     torch.manual_seed(0)
     model = ICLTransformer(3, d_model=32, n_layers=2, n_heads=4, max_points=8,
-                           token_layout="disjoint").eval()
+                           token_layout=layout).eval()
     b = LinearTasks(d=3, k_shot=5, k_query=2).sample(2, gen(4))
     tok = model.tokens(b.support_x, b.support_y)
     assert tok.shape == (2, 10, 4)  # d_x + d_y wide
     assert torch.equal(tok[:, 0::2, :3], b.support_x) and (tok[:, 0::2, 3] == 0).all()
-    assert torch.equal(tok[:, 1::2, 3:], b.support_y) and (tok[:, 1::2, :3] == 0).all()
-    pred = model.predict(b.support_x, b.support_y, b.query_x)
-    for j in range(2):
-        xs = torch.cat([b.support_x, b.query_x[:, j : j + 1]], 1)
-        ys = torch.cat([b.support_y, b.query_y[:, j : j + 1]], 1)
-        torch.testing.assert_close(pred[:, j], model(xs, ys)[:, -1], rtol=0, atol=1e-5)
-    with pytest.raises(ConfigError, match="token_layout"):
-        ICLTransformer(3, token_layout="mixed")
-    # the Garg et al. layout: y in the first coordinate of a d_x-wide token
-    shared = tiny(3).tokens(b.support_x, b.support_y)
-    assert shared.shape == (2, 10, 3) and torch.equal(shared[:, 1::2, :1], b.support_y)
-
-
-def test_paired_token_layout_puts_x_beside_y():
-    torch.manual_seed(0)
-    model = ICLTransformer(3, d_model=32, n_layers=2, n_heads=4, max_points=8,
-                           token_layout="paired").eval()
-    b = LinearTasks(d=3, k_shot=5, k_query=2).sample(2, gen(4))
-    tok = model.tokens(b.support_x, b.support_y)
-    assert tok.shape == (2, 10, 4)
-    assert torch.equal(tok[:, 0::2, :3], b.support_x) and (tok[:, 0::2, 3] == 0).all()
-    assert torch.equal(tok[:, 1::2, :3], b.support_x)  # the y token carries its x
     assert torch.equal(tok[:, 1::2, 3:], b.support_y)
+    if layout == "paired":  # the y token carries its x
+        assert torch.equal(tok[:, 1::2, :3], b.support_x)
+    else:
+        assert (tok[:, 1::2, :3] == 0).all()
     pred = model.predict(b.support_x, b.support_y, b.query_x)
     for j in range(2):  # a query sees the context as the last point of a prompt would
         xs = torch.cat([b.support_x, b.query_x[:, j : j + 1]], 1)
         ys = torch.cat([b.support_y, b.query_y[:, j : j + 1]], 1)
         torch.testing.assert_close(pred[:, j], model(xs, ys)[:, -1], rtol=0, atol=1e-5)
+
+
+def test_token_layout_errors_and_the_shared_layout():
+    with pytest.raises(ConfigError, match="token_layout"):
+        ICLTransformer(3, token_layout="mixed")
+    # the Garg et al. layout: y in the first coordinate of a d_x-wide token
+    b = LinearTasks(d=3, k_shot=5, k_query=2).sample(2, gen(4))
+    shared = tiny(3).tokens(b.support_x, b.support_y)
+    assert shared.shape == (2, 10, 3) and torch.equal(shared[:, 1::2, :1], b.support_y)
 
 
 def test_demo_trains_both_learners_and_prints_one_table(tmp_path, capsys):
