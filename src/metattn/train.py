@@ -721,10 +721,10 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
             n_way = batch.n_way
             batch = batch.slice(rank * per_rank, (rank + 1) * per_rank).to(device, dtype)
             learner.train()
+            # the scheduler's copy of this step's rate (under train.cuda_graph a device
+            # tensor, read, a host sync, only at the log step)
+            lr_used = sched.get_last_lr()[0]
             if graph_step is not None:
-                # the rate is a device tensor here: the scheduler's own copy of it, read
-                # (a host sync) only at the log step
-                lr_used = sched.get_last_lr()[0]
                 # the whole step (meta-loss, backward, clip, optimiser) in one replay; its
                 # outputs are overwritten by the next replay, so they are copied. The loss
                 # is checked for NaN at the next log step (below), not here: a check now
@@ -733,7 +733,6 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                 replayed.append(loss.clone())
                 metrics = {k: v.clone() for k, v in metrics.items()}
             else:
-                lr_used = float(opt.param_groups[0]["lr"])
                 with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
                     loss, metrics = model(batch, None, step)
                 if world > 1:
