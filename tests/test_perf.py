@@ -80,7 +80,7 @@ def _graph_equals_eager():
                 loss, _ = learner.meta_loss(b)
                 loss.backward()
                 opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         results.append((losses, [p.detach().clone() for p in learner.parameters()]))
     (l_eager, p_eager), (l_graph, p_graph) = results
     assert step.graph is not None
