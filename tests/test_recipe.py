@@ -108,14 +108,16 @@ def test_cli_tunes_the_cpu_allocator_unless_told_not_to(tmp_path, opt_out):
     assert tuned is (opt_out == [])
 
 
-@pytest.mark.parametrize("log_every, schedule", [(1, "constant"), (3, "constant"),
-                                                  (1, "cosine")])
-def test_resume_after_a_crash_gives_the_same_losses(tmp_path, log_every, schedule):
+@pytest.mark.parametrize("log_every, schedule, optimizer", [
+    (1, "constant", "adam"), (3, "constant", "adam"), (1, "cosine", "adam"),
+    (1, "cosine", "muon")])
+def test_resume_after_a_crash_gives_the_same_losses(tmp_path, log_every, schedule, optimizer):
     """Also when the checkpoint (step 20) is not on a log boundary (every 3 steps): the
     steps of the interrupted window are saved with the checkpoint; and under a warm-up +
-    cosine schedule, whose position must be restored too."""
+    cosine schedule, whose position must be restored too; and with Muon's momentum."""
     cfg = load(write_cfg(tmp_path, train__log_every=log_every, train__schedule=schedule,
-                         train__warmup_steps=5 if schedule == "cosine" else 0))
+                         train__warmup_steps=5 if schedule == "cosine" else 0,
+                         train__optimizer=optimizer))
     full = tmp_path / "full"
     train(cfg, full)
 

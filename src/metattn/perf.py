@@ -18,9 +18,10 @@ loop, the optimiser's step) in one CUDA graph and replays it. A MAML step launch
 small kernels (5437 for the transformer workload of ``benchmarks/throughput.py``), so eager
 PyTorch keeps the GPU waiting on Python. Measured there on one H100 (torch 2.11, TF32, median
 s per meta-iteration): transformer 0.135 eager -> 0.0325 graphed, conv4 0.033 -> 0.025; the
-graphed meta-gradient equalled the eager one exactly (max difference 0). Those numbers came
-from the same capture written inside the benchmark, before it moved into this class; the
-class itself has not yet run on a GPU (its CUDA test is skipped on CPU-only machines).
+graphed meta-gradient equalled the eager one exactly (max difference 0). This class, run on an
+H100 (2026-11-27): its CUDA tests pass (skipped on CPU-only machines), conv4 0.0251 s (0.0324 s
+and 895 MB peak in chunks of 8 tasks), transformer 0.0325 s, parameter updates equal to the
+eager steps' exactly.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from metattn.config import RunConfig, config_diff, dump
 from metattn.data.tasks import TaskBatch, fixed_episodes, mean_ci95, split_finite
 from metattn.errors import CheckpointError, ConfigError, MetattnError
 from metattn.meta.base import Learner, eval_mode
+from metattn.optim import MuonAdam, split_for_muon
 from metattn.perf import CUDAGraphStep, cpu_allocator_tuned
 
 # Keys that may differ between a run and its resumption (they do not change the maths).
@@ -227,6 +228,9 @@ def make_optimizer(cfg: RunConfig, learner: Learner, device: torch.device | None
     if t.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay,
                               foreach=True)
+    elif t.optimizer == "muon":  # Muon on hidden matrices, Adam on the rest
+        opt = MuonAdam(*split_for_muon(learner.named_parameters()), lr=t.lr,
+                       weight_decay=t.weight_decay)
     elif t.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay, foreach=True,
                                 **graph)

@@ -1,0 +1,120 @@
+"""Muon for a network's hidden matrices, Adam for everything else, in one optimiser.
+
+Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers") replaces each 2-D weight's
+update by the orthogonalised momentum: a few Newton-Schulz iterations map the momentum
+``G = U S V^T`` to about ``U V^T``, so every direction of the matrix moves at the same rate.
+It is meant for hidden layers only: the input layer, the output head, biases, norms and
+position tables keep Adam. One :class:`torch.optim.Optimizer` holds both kinds of group, so a
+learning-rate scheduler, ``state_dict`` and checkpoints treat it like Adam. The Muon update is
+scaled by ``0.2 * sqrt(max(rows, cols))`` (Liu et al. 2025, "Muon is scalable for LLM
+training"), which gives it about AdamW's RMS, so a rate tuned for Adam carries over.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from metattn.errors import ConfigError
+
+# the quintic Newton-Schulz coefficients of Jordan et al.: fast rather than exact convergence
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """About ``U V^T`` for ``g = U S V^T`` (2-D), by ``steps`` Newton-Schulz iterations."""
+    a, b, c = NS_COEFFS
+    x = g / (g.norm() + eps)  # singular values <= 1, where the iteration converges
+    tall = x.shape[0] > x.shape[1]
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.mT
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if tall else x
+
+
+def split_for_muon(named: Iterable[tuple[str, torch.Tensor]],
+                   exclude: Iterable[str] = ("read_in", "head", "embed", "pos")
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(Muon parameters, Adam parameters): Muon takes trainable weights of 2 or more dimensions
+    (matrices; convolution filters, as ``[out, in * kernel]`` matrices) whose name has none of
+    the ``exclude`` parts (the input layer, output head, embeddings)."""
+    muon, adam = [], []
+    excl = tuple(exclude)
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        hidden = p.ndim >= 2 and min(p.shape[0], p[0].numel()) > 1 and not any(
+            e in name for e in excl)
+        (muon if hidden else adam).append(p)
+    return muon, adam
+
+
+class MuonAdam(torch.optim.Optimizer):
+    """Muon on ``muon_params`` and Adam on ``adam_params``, with one rate ``lr`` for both.
+
+    Args:
+        muon_params: hidden weight matrices and convolution filters (see
+            :func:`split_for_muon`).
+        adam_params: the rest.
+        lr: the rate of both kinds (schedulers scale every group's ``lr``).
+        weight_decay: decoupled, as AdamW's, on both kinds.
+        momentum: Muon's (Nesterov) momentum.
+        betas, eps: Adam's.
+        ns_steps: Newton-Schulz iterations per Muon update.
+    """
+
+    def __init__(self, muon_params: list[torch.Tensor], adam_params: list[torch.Tensor],
+                 lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.95,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 ns_steps: int = 5) -> None:
+        for p in muon_params:
+            if p.ndim < 2:
+                raise ConfigError(f"MuonAdam: a Muon parameter has shape {tuple(p.shape)}; "
+                                  "Muon takes matrices and filters (2 or more dimensions), "
+                                  "pass the others as adam_params")
+        groups = [{"params": list(muon_params), "use_muon": True},
+                  {"params": list(adam_params), "use_muon": False}]
+        groups = [g for g in groups if g["params"]]
+        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
+                    "betas": betas, "eps": eps, "ns_steps": ns_steps}
+        super().__init__(groups, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201 (torch.optim.Optimizer's signature)
+        """One update of every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g, state = p.grad, self.state[p]
+                if wd:
+                    p.mul_(1 - lr * wd)
+                if group["use_muon"]:
+                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+                    buf.mul_(group["momentum"]).add_(g)
+                    u = g.add(buf, alpha=group["momentum"])  # Nesterov
+                    m = u.reshape(len(u), -1)  # a filter bank as [out, in * kernel]
+                    o = orthogonalize(m, group["ns_steps"]).view_as(p)
+                    p.add_(o, alpha=-lr * 0.2 * math.sqrt(max(m.shape)))
+                    continue
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                b1, b2 = group["betas"]
+                state["step"] += 1
+                t = float(state["step"])
+                state["exp_avg"].lerp_(g, 1 - b1)
+                state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = (state["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
+                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** t))
+        return loss

@@ -1,0 +1,102 @@
+"""MuonAdam: Muon on hidden matrices, Adam on the rest, as one optimiser."""
+
+import pytest
+import torch
+
+from metattn.config import load
+from metattn.errors import ConfigError
+from metattn.optim import MuonAdam, orthogonalize, split_for_muon
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (32, 8), (8, 32)])
+def test_orthogonalize_keeps_the_singular_vectors_and_flattens_the_values(shape):
+    gen = torch.Generator().manual_seed(0)
+    r = min(shape)
+    q1 = torch.linalg.qr(torch.randn(shape[0], r, generator=gen, dtype=torch.float64))[0]
+    q2 = torch.linalg.qr(torch.randn(shape[1], r, generator=gen, dtype=torch.float64))[0]
+    g = q1 @ torch.diag(torch.logspace(0, -1.7, r, dtype=torch.float64)) @ q2.mT
+    u, s, vh = torch.linalg.svd(g, full_matrices=False)
+    o = orthogonalize(g)
+    assert o.shape == g.shape
+    # o = U S' V^T: the same singular vectors, values pulled towards 1 (about 0.7 to 1.2 for
+    # the quintic iteration's coefficients), where g's spread over a wide range
+    core = u.mT @ o @ vh.mT
+    sv = torch.diagonal(core)
+    assert torch.allclose(core, torch.diag(sv), atol=1e-6)
+    assert s.max() / s.min() > 40 and bool(((sv > 0.6) & (sv < 1.25)).all()), sv
+
+
+def _params(seed: int) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(16, 8, generator=g)),
+            torch.nn.Parameter(torch.randn(8, generator=g))]
+
+
+def _run(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], steps: int = 4) -> None:
+    for i in range(steps):
+        g = torch.Generator().manual_seed(100 + i)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+
+
+def test_adam_groups_follow_torch_adamw():
+    ours, ref = _params(0), _params(0)
+    _run(MuonAdam([], ours, lr=0.01, weight_decay=0.1), ours)
+    _run(torch.optim.AdamW(ref, lr=0.01, weight_decay=0.1), ref)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_muon_groups_follow_torch_muon():
+    # torch's Muon orthogonalises in bfloat16, ours in the parameter's dtype: equal to about
+    # bf16's precision, while a wrong momentum, Nesterov term or rate scale is off by far more
+    ours, ref = _params(1)[:1], _params(1)[:1]
+    start = ours[0].detach().clone()
+    _run(MuonAdam(ours, [], lr=0.02, weight_decay=0.1), ours)
+    _run(torch.optim.Muon(ref, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"), ref)
+    moved, ref_moved = ours[0].detach() - start, ref[0].detach() - start
+    rel = (moved - ref_moved).norm() / ref_moved.norm()
+    assert rel < 0.03, float(rel)
+
+
+def test_split_keeps_input_head_and_vectors_on_adam():
+    model = torch.nn.ModuleDict({"read_in": torch.nn.Linear(3, 16),
+                                 "hidden": torch.nn.Linear(16, 16),
+                                 "head": torch.nn.Linear(16, 1)})
+    muon, adam = split_for_muon(model.named_parameters())
+    assert [p.shape for p in muon] == [torch.Size([16, 16])]
+    assert len(adam) == 5
+    conv = torch.nn.Conv2d(4, 8, 3)
+    assert [p.shape for p in split_for_muon(conv.named_parameters())[0]] == [conv.weight.shape]
+    with pytest.raises(ConfigError, match="2 or more dimensions"):
+        MuonAdam([model["hidden"].bias], [])
+
+
+def test_state_dict_round_trip_continues_identically():
+    a, b = _params(2), _params(2)
+    opt_a = MuonAdam(a[:1], a[1:], lr=0.01)
+    _run(opt_a, a, 2)
+    opt_b = MuonAdam(b[:1], b[1:], lr=0.01)
+    _run(opt_b, b, 2)
+    opt_c = MuonAdam(b[:1], b[1:], lr=0.01)
+    opt_c.load_state_dict(opt_b.state_dict())
+    _run(opt_a, a, 2)
+    _run(opt_c, b, 2)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y)
+
+
+def test_recipe_option_and_cuda_graph_refusal(tmp_path):
+    from metattn.train import build, make_optimizer
+
+    cfg = load("configs/icl_linear_d5_cpu.yaml", ["train.optimizer=muon"])
+    _, _, learner = build(cfg, torch.device("cpu"))
+    opt, sched = make_optimizer(cfg, learner)
+    assert isinstance(opt, MuonAdam) and [g["use_muon"] for g in opt.param_groups] == [True,
+                                                                                        False]
+    opt.step()  # (no gradients yet: nothing moves)
+    sched.step()
+    assert {g["lr"] for g in opt.param_groups} == {sched.get_last_lr()[0]}
+    with pytest.raises(ConfigError, match="muon cannot be captured"):
+        load("configs/omniglot_5w1s_maml_gpu60s.yaml", ["train.optimizer=muon"])
