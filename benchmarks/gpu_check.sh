@@ -14,7 +14,8 @@
 #     accuracy against training seconds (time to accuracy). OMNI_RUNS lists the runs, each in
 #     its own output folder: "name:KEY=VALUE,KEY=VALUE;name2:..." (default: the config as it
 #     is, then plain MAML at meta-batch 32 in the same CUDA graph mode);
-#  (PARTS="graph ...": only the CUDA-graph throughput runs of "speed" below)
+#  (PARTS="graph ...": only the CUDA-graph throughput runs of "speed" below, and conv4 under
+#     bf16 autocast inside the graph)
 #  (PARTS="speed ...": vmap variants without the per-step NaN check, in one CUDA graph (also
 #     with chunks of 8 tasks, each backward at once: the memory goal) and under bf16 autocast,
 #     with torch.profiler tables)
@@ -112,6 +113,9 @@ graph_tp() {  # the meta-step replayed from one CUDA graph (also in chunks of 8 
     --tf32 on --cuda-graph
   tp 60 conv4_vmap_chunk8_graph --workload conv4 --methods vmap --no-plain --chunk-size 8 \
     --iters 10 --warmup 3 --tf32 on --cuda-graph
+  # not yet run: bf16 inside the graph (eager bf16 was launch-bound, 0.035 s)
+  tp 60 conv4_vmap_graph_bf16 --workload conv4 --methods vmap --no-plain --iters 10 \
+    --warmup 3 --tf32 on --cuda-graph --autocast bf16
   tp 60 transformer_vmap_graph --workload transformer --methods vmap --no-plain --iters 5 \
     --warmup 2 --tf32 on --cuda-graph
 }
@@ -154,7 +158,8 @@ PY
 }
 if part omniglot; then
   IFS=';' read -ra omni_runs <<< "$OMNI_RUNS"
-  for spec in "${omni_runs[@]}"; do  # name:KEY=VALUE,KEY=VALUE
+  for spec in "${omni_runs[@]}"; do  # name:KEY=VALUE,KEY=VALUE (no commas inside a VALUE)
+    [[ -z "${spec%%:*}" ]] && { echo "gpu_check: OMNI_RUNS entry '$spec' has no name"; continue; }
     name=${spec%%:*}; sets=(); [[ "$spec" == *:* ]] && IFS=',' read -ra kv <<< "${spec#*:}" \
       && for s in "${kv[@]}"; do sets+=(--set "$s"); done
     omni "$name" "${sets[@]}"

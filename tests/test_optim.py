@@ -26,9 +26,9 @@ def test_orthogonalize_keeps_the_singular_vectors_and_flattens_the_values(shape)
     assert s.max() / s.min() > 40 and bool(((sv > 0.6) & (sv < 1.25)).all()), sv
 
 
-def _params(seed: int) -> list[torch.nn.Parameter]:
+def _params(seed: int, shape: tuple[int, ...] = (16, 8)) -> list[torch.nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(16, 8, generator=g)),
+    return [torch.nn.Parameter(torch.randn(*shape, generator=g)),
             torch.nn.Parameter(torch.randn(8, generator=g))]
 
 
@@ -48,16 +48,38 @@ def test_adam_groups_follow_torch_adamw():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_muon_groups_follow_torch_muon():
+@pytest.mark.parametrize("shape", [(16, 8), (8, 16), (8, 4, 3, 3)])
+def test_muon_groups_follow_torch_muon(shape):
     # torch's Muon orthogonalises in bfloat16, ours in the parameter's dtype: equal to about
-    # bf16's precision, while a wrong momentum, Nesterov term or rate scale is off by far more
-    ours, ref = _params(1)[:1], _params(1)[:1]
+    # bf16's precision, while a wrong momentum, Nesterov term or rate scale is off by far more.
+    # torch's Muon takes matrices only: a filter bank is compared as its [out, in * k * k] view
+    ours, ref = _params(1, shape)[:1], _params(1, shape)[:1]
+    ref = [torch.nn.Parameter(ref[0].detach().reshape(shape[0], -1))]
     start = ours[0].detach().clone()
     _run(MuonAdam(ours, [], lr=0.02, weight_decay=0.1), ours)
     _run(torch.optim.Muon(ref, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"), ref)
-    moved, ref_moved = ours[0].detach() - start, ref[0].detach() - start
+    moved = (ours[0].detach() - start).reshape(shape[0], -1)
+    ref_moved = ref[0].detach() - start.reshape(shape[0], -1)
     rel = (moved - ref_moved).norm() / ref_moved.norm()
     assert rel < 0.03, float(rel)
+
+
+def test_split_on_the_library_models():
+    """Hidden matrices and filters get Muon; input layers, heads, positions and Meta-SGD's
+    learned rates keep Adam."""
+    from metattn.train import build
+
+    def names(path: str, *sets: str) -> set[str]:
+        _, _, learner = build(load(path, list(sets)), torch.device("cpu"))
+        by_id = {id(p): n for n, p in learner.named_parameters()}
+        return {by_id[id(p)] for p in split_for_muon(learner.named_parameters())[0]}
+
+    icl = names("configs/icl_linear_d5_cpu.yaml")
+    assert len(icl) == 24 and all(".encoder.layers." in n for n in icl)
+    vit = names("configs/omniglot_5w1s_protonet_vit.yaml")
+    assert len(vit) == 12 and not any("patch" in n or "pos" in n for n in vit)
+    conv = names("configs/omniglot_5w1s_maml_gpu60s.yaml", "train.cuda_graph=false")
+    assert conv == {f"model.body.{i}.weight" for i in (0, 4, 8, 12)}  # not inner_lrs.*
 
 
 def test_split_keeps_input_head_and_vectors_on_adam():

@@ -4,10 +4,11 @@ Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers") replaces each 
 update by the orthogonalised momentum: a few Newton-Schulz iterations map the momentum
 ``G = U S V^T`` to about ``U V^T``, so every direction of the matrix moves at the same rate.
 It is meant for hidden layers only: the input layer, the output head, biases, norms and
-position tables keep Adam. One :class:`torch.optim.Optimizer` holds both kinds of group, so a
-learning-rate scheduler, ``state_dict`` and checkpoints treat it like Adam. The Muon update is
-scaled by ``0.2 * sqrt(max(rows, cols))`` (Liu et al. 2025, "Muon is scalable for LLM
-training"), which gives it about AdamW's RMS, so a rate tuned for Adam carries over.
+position tables keep Adam (chosen by name: :data:`ADAM_PARTS`). One
+:class:`torch.optim.Optimizer` holds both kinds of group, so a learning-rate scheduler,
+``state_dict`` and checkpoints treat it like Adam. The Muon update is scaled by
+``0.2 * sqrt(max(rows, cols))`` (Liu et al. 2025, "Muon is scalable for LLM training"), which
+gives it about AdamW's RMS, so a rate tuned for Adam carries over.
 """
 
 from __future__ import annotations
@@ -36,19 +37,26 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     return x.mT if tall else x
 
 
+# name parts whose weights keep Adam: input layers (the ICL Transformer's read_in, a ViT's
+# patch embedding), output heads, embeddings and position tables, and MAML's learned inner
+# rates (Meta-SGD, MAML++), which are step sizes, not maps to orthogonalise
+ADAM_PARTS = ("read_in", "patch", "head", "embed", "pos", "inner_lrs")
+
+
 def split_for_muon(named: Iterable[tuple[str, torch.Tensor]],
-                   exclude: Iterable[str] = ("read_in", "head", "embed", "pos")
+                   exclude: Iterable[str] = ADAM_PARTS
                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(Muon parameters, Adam parameters): Muon takes trainable weights of 2 or more dimensions
-    (matrices; convolution filters, as ``[out, in * kernel]`` matrices) whose name has none of
-    the ``exclude`` parts (the input layer, output head, embeddings)."""
+    """(Muon parameters, Adam parameters). Muon takes trainable weights of 2 or more
+    dimensions (matrices; convolution filters, as ``[out, in * kernel]`` matrices) unless a
+    dot-separated part of their name is in ``exclude``. (Conv-4's first convolution,
+    ``body.0``, has no such name and gets Muon.)"""
     muon, adam = [], []
-    excl = tuple(exclude)
+    excl = set(exclude)
     for name, p in named:
         if not p.requires_grad:
             continue
-        hidden = p.ndim >= 2 and min(p.shape[0], p[0].numel()) > 1 and not any(
-            e in name for e in excl)
+        hidden = (p.ndim >= 2 and min(p.shape[0], p[0].numel()) > 1
+                  and excl.isdisjoint(name.split(".")))
         (muon if hidden else adam).append(p)
     return muon, adam
 
@@ -61,7 +69,8 @@ class MuonAdam(torch.optim.Optimizer):
             :func:`split_for_muon`).
         adam_params: the rest.
         lr: the rate of both kinds (schedulers scale every group's ``lr``).
-        weight_decay: decoupled, as AdamW's, on both kinds.
+        weight_decay: decoupled, as AdamW's, on both kinds (so the Adam part is AdamW: unlike
+            ``torch.optim.Adam``, whose decay is an L2 term added to the gradient).
         momentum: Muon's (Nesterov) momentum.
         betas, eps: Adam's.
         ns_steps: Newton-Schulz iterations per Muon update.
@@ -99,7 +108,9 @@ class MuonAdam(torch.optim.Optimizer):
                 if wd:
                     p.mul_(1 - lr * wd)
                 if group["use_muon"]:
-                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    buf = state["momentum_buffer"]
                     buf.mul_(group["momentum"]).add_(g)
                     u = g.add(buf, alpha=group["momentum"])  # Nesterov
                     m = u.reshape(len(u), -1)  # a filter bank as [out, in * kernel]
