@@ -170,13 +170,15 @@ def test_other_baselines():
 
 
 # ------------------------------------------------------------------ ICL Transformer
-def tiny(d: int = 3, max_points: int = 12, seed: int = 0) -> ICLTransformer:
+def tiny(d: int = 3, max_points: int = 12, seed: int = 0, n_loops: int = 1) -> ICLTransformer:
     torch.manual_seed(seed)
-    return ICLTransformer(d, d_model=32, n_layers=2, n_heads=4, max_points=max_points)
+    return ICLTransformer(d, d_model=32, n_layers=2, n_heads=4, max_points=max_points,
+                          n_loops=n_loops)
 
 
-def test_causal_mask_blocks_later_tokens():
-    model = tiny().eval()
+@pytest.mark.parametrize("n_loops", [1, 3])
+def test_causal_mask_blocks_later_tokens(n_loops):
+    model = tiny(n_loops=n_loops).eval()
     g = gen(0)
     xs, ys = torch.randn(2, 8, 3, generator=g), torch.randn(2, 8, 1, generator=g)
     base = model(xs, ys)
@@ -196,8 +198,9 @@ def test_causal_mask_blocks_later_tokens():
     assert ((out[:, j:] - base[:, j:]).abs() > 1e-4).all()
 
 
-def test_queries_are_independent_and_match_one_prompt_each():
-    model = tiny().eval()
+@pytest.mark.parametrize("n_loops", [1, 3])
+def test_queries_are_independent_and_match_one_prompt_each(n_loops):
+    model = tiny(n_loops=n_loops).eval()
     b = LinearTasks(d=3, k_shot=5, k_query=4).sample(3, gen(1))
     pred = model.predict(b.support_x, b.support_y, b.query_x)
     assert pred.shape == (3, 4, 1)
@@ -216,6 +219,25 @@ def test_queries_are_independent_and_match_one_prompt_each():
                                pred[0])
     torch.testing.assert_close(learner.evaluate(b)["loss"],
                                (pred - b.query_y).pow(2).mean((1, 2)))
+
+
+def test_looped_model_repeats_its_layers_with_the_prompt_added_back():
+    model = tiny(n_loops=3).eval()
+    plain = tiny(n_loops=1).eval()  # the same weights (same seed), applied once
+    xs, ys = torch.randn(2, 5, 3, generator=gen(2)), torch.randn(2, 5, 1, generator=gen(3))
+    e = model.read_in(model.tokens(xs, ys)) + model.pos[:10]
+    h = e
+    for i in range(3):
+        h = h + e if i else h
+        for layer in model.encoder.layers:
+            h = layer(h, is_causal=True)
+    want = model.head(model.encoder.ln_f(h)[:, 0::2])
+    torch.testing.assert_close(model(xs, ys), want)
+    assert (model(xs, ys) - plain(xs, ys)).abs().max() > 1e-3
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in plain.parameters())
+    with pytest.raises(ConfigError, match="n_loops"):
+        ICLTransformer(3, n_loops=0)
 
 
 def test_attention_rows_over_context_sum_to_one():

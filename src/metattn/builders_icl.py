@@ -69,13 +69,14 @@ def decision_tree(split: str, d: int = 20, depth: int = 4, k_shot: int = 100, k_
 def icl_transformer(d_x: int = 20, d_y: int = 1, d_model: int = 256, n_layers: int = 12,
                     n_heads: int = 8, max_points: int = 101, d_ff: int | None = None,
                     dropout: float = 0.0,
-                    token_layout: Literal["shared", "disjoint", "paired"] = "shared"
-                    ) -> nn.Module:
+                    token_layout: Literal["shared", "disjoint", "paired"] = "shared",
+                    n_loops: int = 1) -> nn.Module:
     """GPT-2-like causal Transformer over (x, y) prompt tokens (``token_layout``: y in the
     first coordinate as in Garg et al., ``disjoint`` coordinates for x and y, or ``paired``:
-    disjoint, with each y token carrying its x as well)."""
+    disjoint, with each y token carrying its x as well; ``n_loops``: the layers repeated with
+    shared weights)."""
     return ICLTransformer(d_x, d_y, d_model, n_layers, n_heads, max_points, d_ff, dropout,
-                          token_layout)
+                          token_layout, n_loops)
 
 
 # ------------------------------------------------------------------ learners
