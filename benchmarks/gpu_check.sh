@@ -159,8 +159,9 @@ PY
 if part omniglot; then
   IFS=';' read -ra omni_runs <<< "$OMNI_RUNS"
   for spec in "${omni_runs[@]}"; do  # name:KEY=VALUE,KEY=VALUE (no commas inside a VALUE)
-    [[ -z "${spec%%:*}" ]] && { echo "gpu_check: OMNI_RUNS entry '$spec' has no name"; continue; }
-    name=${spec%%:*}; sets=(); [[ "$spec" == *:* ]] && IFS=',' read -ra kv <<< "${spec#*:}" \
+    name=${spec%%:*}; sets=()
+    [[ -z "$name" ]] && { echo "gpu_check: OMNI_RUNS entry '$spec' has no name"; continue; }
+    [[ "$spec" == *:* ]] && IFS=',' read -ra kv <<< "${spec#*:}" \
       && for s in "${kv[@]}"; do sets+=(--set "$s"); done
     omni "$name" "${sets[@]}"
     ttacc "$name"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,9 @@ class ICLTransformer(nn.Module):
             ``"paired"`` (as disjoint, but the y token carries its x too, ``[x_i, y_i]``: one
             attention step can then weigh y_i by how x_i relates to the query, where the
             other layouts first spend a layer moving x_i next to y_i).
+        n_loops: apply the layers ``n_loops`` times with shared weights, the prompt's
+            embedding added back before each repeat (a looped Transformer; see
+            :class:`TransformerEncoder`).
     """
 
     def __init__(
@@ -68,9 +71,6 @@ class ICLTransformer(nn.Module):
         n_loops: int = 1,
     ):
         super().__init__()
-        if int(n_loops) < 1:
-            raise ConfigError(f"ICLTransformer: n_loops={n_loops}; use n_loops >= 1")
-        self.n_loops = int(n_loops)
         if token_layout not in ("shared", "disjoint", "paired"):
             raise ConfigError(
                 f"ICLTransformer: token_layout={token_layout!r}; choose 'shared', 'disjoint' "
@@ -86,22 +86,8 @@ class ICLTransformer(nn.Module):
         self.max_points = int(max_points)
         self.read_in = nn.Linear(self.d_token, d_model)
         self.pos = nn.Parameter(torch.randn(2 * self.max_points, d_model) * 0.02)
-        self.encoder = TransformerEncoder(d_model, n_heads, n_layers, d_ff, dropout)
+        self.encoder = TransformerEncoder(d_model, n_heads, n_layers, d_ff, dropout, n_loops)
         self.head = nn.Linear(d_model, self.d_y)
-
-    def _encode(self, h: torch.Tensor, **kw: Any) -> torch.Tensor:
-        """The encoder, or with ``n_loops > 1`` its layers applied ``n_loops`` times with
-        shared weights, the prompt's embedding added again before each repeat (a looped
-        Transformer, Yang et al. 2023)."""
-        if self.n_loops == 1:
-            return self.encoder(h, **kw)
-        e = h
-        for i in range(self.n_loops):
-            if i:
-                h = h + e
-            for layer in self.encoder.layers:
-                h = layer(h, **kw)
-        return self.encoder.ln_f(h)
 
     def _pad_x(self, t: torch.Tensor) -> torch.Tensor:
         return F.pad(t, self._x_pad)
@@ -127,7 +113,7 @@ class ICLTransformer(nn.Module):
         n = xs.shape[1]
         self._check_len(n)
         h = self.read_in(self.tokens(xs, ys)) + self.pos[: 2 * n]
-        h = self._encode(h, is_causal=True)
+        h = self.encoder(h, is_causal=True)
         return self.head(h[:, 0::2])
 
     def query_mask(self, k: int, q: int, device: torch.device | None = None) -> torch.Tensor:
@@ -152,7 +138,7 @@ class ICLTransformer(nn.Module):
         seq = torch.cat([ctx, self._pad_x(query_x)], dim=1)
         pos = torch.cat([self.pos[: 2 * k], self.pos[2 * k].expand(q, -1)], dim=0)
         h = self.read_in(seq) + pos
-        h = self._encode(h, mask=self.query_mask(k, q, seq.device))
+        h = self.encoder(h, mask=self.query_mask(k, q, seq.device))
         return self.head(h[:, 2 * k :])
 
 

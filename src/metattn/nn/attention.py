@@ -259,7 +259,11 @@ class TransformerBlock(nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    """A stack of pre-norm :class:`TransformerBlock` s with a final LayerNorm."""
+    """A stack of pre-norm :class:`TransformerBlock` s with a final LayerNorm.
+
+    ``n_loops > 1`` makes it a looped Transformer (Yang et al. 2023): the stack is applied
+    ``n_loops`` times with shared weights, its input added again before each repeat.
+    """
 
     def __init__(
         self,
@@ -268,8 +272,12 @@ class TransformerEncoder(nn.Module):
         n_layers: int,
         d_ff: int | None = None,
         dropout: float = 0.0,
+        n_loops: int = 1,
     ):
         super().__init__()
+        if int(n_loops) < 1:
+            raise ConfigError(f"TransformerEncoder: n_loops={n_loops}; use n_loops >= 1")
+        self.n_loops = int(n_loops)
         self.layers = nn.ModuleList(
             TransformerBlock(d_model, n_heads, d_ff, dropout) for _ in range(n_layers)
         )
@@ -278,6 +286,10 @@ class TransformerEncoder(nn.Module):
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x, mask=mask, is_causal=is_causal)
+        e = x
+        for i in range(self.n_loops):
+            if i:
+                x = x + e
+            for layer in self.layers:
+                x = layer(x, mask=mask, is_causal=is_causal)
         return self.ln_f(x)
