@@ -26,8 +26,13 @@ The plain loop is always timed in the same run, so ``vs plain`` compares like wi
 On CUDA, ``--cuda-graph`` runs metattn's methods through :class:`metattn.perf.CUDAGraphStep`
 (the whole meta-step captured once and replayed; its parameter updates are checked against
 eager steps), ``--check-finite off`` drops MAML's per-step NaN check (a host sync),
-``--autocast bf16`` runs the meta-loss under autocast and ``--profile`` prints torch.profiler
+``--autocast bf16`` runs the meta-loss under autocast (on CPU too, where oneDNN's bf16
+kernels need AVX512-BF16 or AMX; the table's footnote then gives that meta-gradient's error
+against the float64 plain loop, beside float32's) and ``--profile`` prints torch.profiler
 tables: kernels per meta-step and how much of the wall time the device is busy.
+``--channels-last`` builds metattn's Conv4 in NHWC order. The references (``plain``,
+``higher``) run torch's own ``nn.MaxPool2d``; metattn's Conv4 pools NCHW CPU tensors through
+its faster, equal :class:`metattn.nn.backbones.MaxPool2x2`.
 
     python benchmarks/throughput.py --workload conv4 --iters 5 --warmup 1 --threads 2
     python benchmarks/throughput.py --device cuda --tf32 on --json out.json
@@ -56,6 +61,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import metattn as mt
+from metattn.nn.backbones import MaxPool2x2
 from metattn.perf import CUDAGraphStep
 
 METHODS = ("vmap", "loop", "auto", "plain", "higher")
@@ -257,6 +263,7 @@ class Runner:
         self.name, self.device = name, device
         self.model = copy.deepcopy(base)
         ours = name in ("vmap", "loop", "auto")
+        prepare(self.model, name, args)
         self.graphed = bool(args.cuda_graph and ours and device.type == "cuda")
         self.step, params, learner = make_method(
             name, self.model, wl, args.chunk_size, args.checkpoint,
@@ -375,19 +382,37 @@ def profile(r: Runner, batches: list[mt.TaskBatch], wl_name: str, iters: int = 3
     print(ev.table(sort_by=sort, row_limit=18, max_name_column_width=60))
 
 
+def prepare(model: torch.nn.Module, name: str, args) -> None:
+    """The references (``plain``, ``higher``) run torch's own ``nn.MaxPool2d``, not metattn's
+    CPU max-pool; ``--channels-last`` puts metattn's ``loop`` method's Conv4 in NHWC order (vmap
+    batches 5-D inputs, which channels_last does not cover)."""
+    if name in ("plain", "higher"):
+        for mod in model.modules():
+            for child_name, child in mod.named_children():
+                if isinstance(child, MaxPool2x2):
+                    setattr(mod, child_name, torch.nn.MaxPool2d(2))
+    if name == "loop" and args.channels_last and isinstance(model, mt.Conv4):
+        model.channels_last = True  # NHWC weights and activations (same numbers)
+        model.body.to(memory_format=torch.channels_last)
+
+
 def grad_check(name: str, wl: Workload, base: torch.nn.Module, batch: mt.TaskBatch,
-               args, ref: list[torch.Tensor] | None) -> tuple[list[torch.Tensor], float | None]:
-    """Meta-gradient of ``name`` in float64 on a few tasks, and its max relative difference
-    from ``ref`` (the plain loop's)."""
-    model = copy.deepcopy(base).double()
+               args, ref: list[torch.Tensor] | None, dtype: torch.dtype = torch.float64,
+               autocast: torch.dtype | None = None) -> tuple[list[torch.Tensor], float | None]:
+    """Meta-gradient of ``name`` on a few tasks (float64 by default; ``dtype`` and
+    ``autocast`` measure a lower precision), and its max relative difference from ``ref``
+    (the plain loop's, in float64)."""
+    model = copy.deepcopy(base).to(dtype)
+    prepare(model, name, args)
     b = mt.TaskBatch(*(t[: args.check_tasks] for t in (batch.support_x, batch.support_y,
                                                        batch.query_x, batch.query_y)),
                      n_way=batch.n_way)
-    b = b.to(b.support_x.device, torch.float64)
-    step, _, _ = make_method(name, model, wl, args.chunk_size, args.checkpoint)
+    b = b.to(b.support_x.device, dtype)
+    step, _, _ = make_method(name, model, wl, args.chunk_size, args.checkpoint,
+                             autocast=autocast)
     model.zero_grad(set_to_none=True)
     step(b)
-    g = [p.grad.detach().clone() for p in model.parameters()]
+    g = [p.grad.detach().double().clone() for p in model.parameters()]
     if ref is None:
         return g, None
     num = max(float((a - r).abs().max()) for a, r in zip(g, ref))
@@ -432,6 +457,17 @@ def run_workload(wl_name: str, args, device: torch.device, dtype: torch.dtype) -
             gref, diff = grad_check(row["method"], wl, base, batches[0], args, ref)
             ref = gref if row["method"] == "plain" else ref
             row["grad_diff"] = diff
+            if row["method"] in ("vmap", "loop", "auto") and amp_dtype(args) is not None:
+                # what the timed precision costs: float32 under autocast, and float32 alone,
+                # each against the float64 reference
+                g_amp, row["amp_grad_diff"] = grad_check(
+                    row["method"], wl, base, batches[0], args, ref, torch.float32,
+                    amp_dtype(args))
+                flat = torch.cat([a.flatten() for a in g_amp])
+                flat_ref = torch.cat([r.flatten() for r in ref])
+                row["amp_grad_norm_diff"] = float((flat - flat_ref).norm() / flat_ref.norm())
+                row["fp32_grad_diff"] = grad_check(row["method"], wl, base, batches[0], args,
+                                                   ref, torch.float32)[1]
     plain = next((r["s_per_it"] for r in rows if r["method"] == "plain"), None)
     anchors = ANCHORS.get((wl_name, device.type), {})
     plain_cpu = next((r["cpu_s_per_it"] for r in rows if r["method"] == "plain"), None)
@@ -450,7 +486,8 @@ def print_table(res: dict, header: dict) -> None:
     print(f"\n## {res['workload']} (meta-batch {res['meta_batch']}, {res['inner_steps']} inner "
           f"step(s), second order) on {header['device']}, torch {header['torch']}, "
           f"{header['dtype']}, tf32 {header['tf32']}, malloc {header['malloc']}, check_finite "
-          f"{header['check_finite']}, autocast {header['autocast']}, cuda_graph "
+          f"{header['check_finite']}, autocast {header['autocast']}, channels_last "
+          f"{header.get('channels_last', False)}, cuda_graph "
           f"{header['cuda_graph']}")
     print(f"| method | s/it (median of {header['iters']}) | it/s | tasks/s | peak MB | "
           "vs plain | norm. s/it | grad diff (fp64) | CPU s/it | CPU vs plain |")
@@ -471,6 +508,11 @@ def print_table(res: dict, header: dict) -> None:
               ", ".join(f"{k} {v}" for k, v in anchors.items()) +
               f"; best {best}; 1.5x the best = {best / 1.5:.3f} norm. s/it")
     for r in res["rows"]:
+        if r.get("amp_grad_diff") is not None:
+            print(f"{r['method']}: meta-gradient under autocast {header['autocast']} (timed "
+                  f"above) vs the float64 plain loop: max rel diff {r['amp_grad_diff']:.1e}, "
+                  f"|g - g64| / |g64| {r['amp_grad_norm_diff']:.1e} (float32 without "
+                  f"autocast: max rel diff {r['fp32_grad_diff']:.1e})")
         if r.get("graph_vs_eager") is not None:
             print(f"{r['method']}: CUDA graph (metattn.perf.CUDAGraphStep) vs eager, parameter "
                   f"updates after 4 meta-steps: max rel diff {r['graph_vs_eager']:.1e} (the "
@@ -496,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="metattn: checkpoint each inner step (memory does not grow with steps)")
     p.add_argument("--check-finite", default="on", choices=["on", "off"],
                    help="metattn: MAML's per-step NaN check (a device sync on GPUs)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="metattn's loop method on conv4: Conv4(channels_last=True), NHWC")
     p.add_argument("--autocast", default="none", choices=["none", "bf16"],
                    help="metattn: run the meta-loss under torch.autocast")
     p.add_argument("--cuda-graph", action="store_true",
@@ -532,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     header = {"device": device_name(device), "device_type": device.type,
               "torch": torch.__version__, "dtype": args.dtype, "tf32": args.tf32,
               "check_finite": args.check_finite, "autocast": args.autocast,
+              "channels_last": args.channels_last,
               "cuda_graph": bool(args.cuda_graph and device.type == "cuda"),
               "iters": args.iters, "warmup": args.warmup, "threads": torch.get_num_threads(),
               "python": platform.python_version(),

@@ -11,7 +11,7 @@ import metattn.builders_vision  # noqa: F401  (registers the metric learners)
 from metattn.data.tasks import TaskBatch
 from metattn.errors import ConfigError, TaskError
 from metattn.meta.metric import FEAT, MatchingNet, ProtoNet, SetToSet
-from metattn.nn.backbones import Conv4
+from metattn.nn.backbones import Conv4, MaxPool2x2
 from metattn.registry import build
 
 
@@ -331,7 +331,7 @@ def test_conv4_pool_before_relu_is_the_textbook_block_exactly() -> None:
     textbook = nn.Sequential(*blocks).double()
     textbook.load_state_dict({k.removeprefix("body."): v for k, v in ours.state_dict().items()
                               if k.startswith("body.")})
-    assert [type(m) for m in ours.body[:4]] == [nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ReLU]
+    assert [type(m) for m in ours.body[:4]] == [nn.Conv2d, nn.BatchNorm2d, MaxPool2x2, nn.ReLU]
     x = torch.randn(7, 1, 28, 28, dtype=torch.float64)
     fa, fb = ours.features(x), textbook(x).flatten(1)
     assert torch.equal(fa, fb)
@@ -340,6 +340,72 @@ def test_conv4_pool_before_relu_is_the_textbook_block_exactly() -> None:
     gb = torch.autograd.grad((fb * w).sum(), list(textbook.parameters()))
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 28, 28), (2, 3, 7, 7), (2, 5, 6, 9)])
+def test_cpu_max_pool_equals_torch_to_second_order(shape: tuple[int, ...],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """MaxPool2x2's NHWC CPU path: nn.MaxPool2d's values, gradients and gradients of
+    gradients (MAML differentiates the inner step's gradient), odd sizes included."""
+    from metattn.nn import backbones
+
+    calls = []
+    fast = backbones._NHWCMaxPool2x2.apply
+    monkeypatch.setattr(backbones._NHWCMaxPool2x2, "apply",
+                        lambda x: calls.append(x.shape) or fast(x))
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    ref = nn.MaxPool2d(2)
+    ya, yb = MaxPool2x2()(x), ref(x)
+    assert calls == [x.shape]  # the fast path ran
+    assert torch.equal(ya, yb)
+    # first order, then second order: d/dw <d<y, w>/dx, v> runs the pooling's double backward
+    w = torch.randn_like(ya, requires_grad=True)
+    v = torch.randn_like(x)
+    (ga,) = torch.autograd.grad((ya * w).sum(), x, create_graph=True)
+    (gb,) = torch.autograd.grad((yb * w).sum(), x, create_graph=True)
+    assert torch.equal(ga, gb)
+    (ha,) = torch.autograd.grad((ga * v).sum(), w)
+    (hb,) = torch.autograd.grad((gb * v).sum(), w)
+    assert ha.abs().sum() > 0 and torch.equal(ha, hb)
+    assert torch.autograd.gradgradcheck(backbones._NHWCMaxPool2x2.apply, (x[:1, :2],))
+    # ties (a constant region: the same winner as torch's kernel) and bf16 (autocast's dtype)
+    for t in (torch.zeros(*shape, dtype=torch.float64), x.detach().to(torch.bfloat16)):
+        t = t.requires_grad_()
+        (gt,) = torch.autograd.grad(MaxPool2x2()(t).sum(), t)
+        (gr,) = torch.autograd.grad(ref(t).sum(), t)
+        assert torch.equal(MaxPool2x2()(t), ref(t)) and torch.equal(gt, gr)
+
+
+def test_conv4_maml_meta_gradient_with_the_cpu_pool_equals_torch_pool() -> None:
+    """Second-order MAML (the per-task loop path, where the fast pool runs) over Conv4: the
+    meta-gradient equals that of the same net with nn.MaxPool2d, in float64."""
+    from metattn.meta.maml import MAML
+
+    torch.manual_seed(0)
+    ours = Conv4(1, 3, hidden=4, image_size=28).double()
+    ref = Conv4(1, 3, hidden=4, image_size=28).double()
+    ref.load_state_dict(ours.state_dict())
+    for i in (2, 6, 10, 14):
+        ref.body[i] = nn.MaxPool2d(2)
+    batch = TaskBatch(torch.rand(2, 3, 1, 28, 28), torch.arange(3).repeat(2, 1),
+                      torch.rand(2, 6, 1, 28, 28), torch.arange(3).repeat(2, 2),
+                      n_way=3).to("cpu", torch.float64)
+    grads = []
+    for net in (ours, ref):
+        learner = MAML(net, inner_lr=0.4, inner_steps=2, first_order=False, vectorize=False)
+        loss, _ = learner.meta_loss(batch)
+        grads.append(torch.autograd.grad(loss, list(net.parameters())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_cpu_max_pool_falls_back_inside_vmap() -> None:
+    """Inside torch.func transforms (MAML's vmap path) the pool is nn.MaxPool2d's."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 2, 8, 8)
+    out = torch.func.vmap(MaxPool2x2())(x)
+    assert torch.equal(out, F.max_pool2d(x.flatten(0, 1), 2).view(4, 3, 2, 4, 4))
 
 
 def test_conv4_without_the_last_pool_keeps_the_3x3_map() -> None:

@@ -377,3 +377,36 @@ def test_sampler_skips_only_the_label_read_back(tiny_root: Path, monkeypatch) ->
     batch = tasks.sample(2, torch.Generator().manual_seed(0))
     assert calls == [False]
     assert batch.support_y.tolist() == [[0, 1, 2]] * 2
+
+
+def test_shift_translates_training_images_only(tiny_root: Path) -> None:
+    """task.shift: each training image moved by a seeded random (dy, dx) in [-s, s]^2 with a
+    blank border; the same classes and drawings as without it; test episodes untouched."""
+    data = load_omniglot(tiny_root)
+    plain = OmniglotTasks("train", n_way=3, k_shot=1, k_query=2, protocol="background",
+                          data=data)
+    moved = OmniglotTasks("train", n_way=3, k_shot=1, k_query=2, protocol="background",
+                          data=data, shift=3)
+    a = plain.sample(16, torch.Generator().manual_seed(0))
+    b = moved.sample(16, torch.Generator().manual_seed(0))
+    c = moved.sample(16, torch.Generator().manual_seed(0))
+    assert torch.equal(a.info["classes"], b.info["classes"])
+    assert torch.equal(b.support_x, c.support_x) and torch.equal(b.query_x, c.query_x)
+    offsets = []
+    for moved_x, plain_x in ((b.support_x, a.support_x), (b.query_x, a.query_x)):
+        padded = torch.nn.functional.pad(plain_x, (3, 3, 3, 3))
+        for img, ref in zip(moved_x.flatten(0, 1), padded.flatten(0, 1)):
+            # (the fake drawings are bars: a move along x and one along y never coincide)
+            found = [(dy, dx) for dy in range(-3, 4) for dx in range(-3, 4)
+                     if torch.equal(img, ref[..., 3 - dy:31 - dy, 3 - dx:31 - dx])]
+            assert len(found) == 1, "not one translation of the unshifted image"
+            offsets.append(found[0])
+    dys, dxs = {o[0] for o in offsets}, {o[1] for o in offsets}
+    assert dys == dxs == set(range(-3, 4))  # the whole range, on both axes
+    assert sum(o != (0, 0) for o in offsets[:48]) > 30  # support images move too
+    with pytest.raises(TaskError, match="shift"):
+        OmniglotTasks("train", protocol="background", data=data, shift=14)
+    spec = {"kind": "omniglot", "n_way": 3, "k_shot": 1, "k_query": 2,
+            "protocol": "background", "root": str(tiny_root), "shift": 3}
+    assert build("task", spec, "train").shift == 3
+    assert build("task", spec, "test").shift == 0

@@ -19,11 +19,13 @@ from metattn.registry import register
 @register("task", "omniglot")
 def omniglot(split: str, n_way: int = 5, k_shot: int = 1, k_query: int = 15,
              protocol: Literal["maml", "background"] = "maml", root: str | None = None,
-             rotations: bool = True) -> OmniglotTasks:
+             rotations: bool = True, shift: int = 0) -> OmniglotTasks:
     """Omniglot N-way K-shot episodes ("maml": 1200/423 characters x 4 rotations;
-    "background": background/evaluation alphabets). ``root`` holds the official zips."""
+    "background": background/evaluation alphabets). ``root`` holds the official zips.
+    ``shift``: training episodes only, each image translated by up to that many pixels."""
     return OmniglotTasks(split=split, n_way=n_way, k_shot=k_shot, k_query=k_query,
-                         protocol=protocol, root=root, rotations=rotations)
+                         protocol=protocol, root=root, rotations=rotations,
+                         shift=shift if split == "train" else 0)
 
 
 # ------------------------------------------------------------------ learners

@@ -443,6 +443,9 @@ class OmniglotTasks:
     ``[T, n_way * k_query, 1, 28, 28]``, integer labels in ``[0, n_way)`` and
     ``info["classes"]`` ``[T, n_way]``: the split's class ids (``4 * char + rotation`` with
     rotations, else the character index in the split). ``data`` skips loading (tests, reuse).
+    ``shift > 0`` translates every image by a random whole number of pixels in
+    ``[-shift, shift]`` along each axis (blank border filled in): augmentation, for training
+    episodes only (the recipe's builder passes it to the train split alone).
     """
 
     def __init__(
@@ -455,7 +458,10 @@ class OmniglotTasks:
         root: str | os.PathLike | None = None,
         rotations: bool = True,
         data: Omniglot | None = None,
+        shift: int = 0,
     ):
+        if not 0 <= int(shift) < 14:
+            raise TaskError(f"OmniglotTasks.shift={shift}; use 0 (off) to 13 pixels")
         if k_shot < 1:
             raise TaskError(f"OmniglotTasks.k_shot={k_shot}; it must be >= 1")
         if k_query < 1:
@@ -477,6 +483,7 @@ class OmniglotTasks:
         self.k_shot = int(k_shot)
         self.k_query = int(k_query)
         self.rotations = bool(rotations)
+        self.shift = int(shift)
         self.characters = chars
         images = torch.from_numpy(np.ascontiguousarray(chars.images))  # uint8 [C, 20, H, W]
         if self.rotations:
@@ -506,6 +513,17 @@ class OmniglotTasks:
         name = f"{self.characters.alphabets[c]}/{self.characters.names[c]}"
         return name + (f"@rot{90 * r}" if self.rotations else "")
 
+    def _shifted(self, x: torch.Tensor, h: int, w: int, g: torch.Generator) -> torch.Tensor:
+        """``x`` [N, h * w] (uint8) with each image moved by (dy, dx) ~ U{-s..s}^2: one
+        gather from the zero-padded images (drawn on the CPU generator: same on any device)."""
+        s, N = self.shift, x.shape[0]
+        d = torch.randint(-s, s + 1, (2, N, 1, 1), generator=g).to(x.device, non_blocking=True)
+        pad = torch.nn.functional.pad(x.view(N, h, w), (s, s, s, s))  # blank = 0 (no ink)
+        rows = torch.arange(h, device=x.device).view(1, h, 1) + s - d[0]
+        cols = torch.arange(w, device=x.device).view(1, 1, w) + s - d[1]
+        idx = (rows * (w + 2 * s) + cols).view(N, h * w)
+        return pad.view(N, -1).gather(1, idx)
+
     def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
         """Draw ``num_tasks`` episodes (vectorised; the same generator state gives the same)."""
         T, n, k, q = int(num_tasks), self.n_way, self.k_shot, self.k_query
@@ -520,6 +538,8 @@ class OmniglotTasks:
                                                                         non_blocking=True)
         h, w = self.images.shape[-2:]
         x = self.images.view(-1, h * w).index_select(0, rows)  # one gather of whole images
+        if self.shift:
+            x = self._shifted(x, h, w, g)
         x = x.to(torch.float32).mul_(1.0 / 255.0).view(T, n, k + q, 1, h, w)
         y = torch.arange(n, device=x.device).view(1, n, 1)
         sy = y.expand(T, n, k).reshape(T, n * k)
