@@ -30,9 +30,9 @@ eager steps), ``--check-finite off`` drops MAML's per-step NaN check (a host syn
 kernels need AVX512-BF16 or AMX; the table's footnote then gives that meta-gradient's error
 against the float64 plain loop, beside float32's) and ``--profile`` prints torch.profiler
 tables: kernels per meta-step and how much of the wall time the device is busy.
-``--channels-last`` builds metattn's Conv4 in NHWC order. The references (``plain``,
-``higher``) run torch's own ``nn.MaxPool2d``; metattn's Conv4 pools NCHW CPU tensors through
-its faster, equal :class:`metattn.nn.backbones.MaxPool2x2`.
+``--channels-last`` builds the Conv4 of metattn's ``loop`` method in NHWC order. The
+references (``plain``, ``higher``) run torch's own ``nn.MaxPool2d``; metattn's Conv4 pools
+NCHW CPU tensors through its faster, equal :class:`metattn.nn.backbones.MaxPool2x2`.
 
     python benchmarks/throughput.py --workload conv4 --iters 5 --warmup 1 --threads 2
     python benchmarks/throughput.py --device cuda --tf32 on --json out.json
@@ -487,7 +487,7 @@ def print_table(res: dict, header: dict) -> None:
           f"step(s), second order) on {header['device']}, torch {header['torch']}, "
           f"{header['dtype']}, tf32 {header['tf32']}, malloc {header['malloc']}, check_finite "
           f"{header['check_finite']}, autocast {header['autocast']}, channels_last "
-          f"{header.get('channels_last', False)}, cuda_graph "
+          f"{header['channels_last']}, cuda_graph "
           f"{header['cuda_graph']}")
     print(f"| method | s/it (median of {header['iters']}) | it/s | tasks/s | peak MB | "
           "vs plain | norm. s/it | grad diff (fp64) | CPU s/it | CPU vs plain |")
