@@ -57,6 +57,51 @@ def test_protonet_logits_are_negative_squared_distances() -> None:
     torch.testing.assert_close(out["loss"], F.cross_entropy(expected, b.query_y[0])[None])
 
 
+def test_test_shift_averages_the_embeddings_of_every_shifted_view() -> None:
+    # identity encoder: a one-pixel image's averaged "embedding" is the 3x3 box around the
+    # pixel, each cell 1/9 (each shift by -1..1 per axis puts the pixel in one cell); at the
+    # corner the views that move it out of the frame lose it (blank border)
+    learner = ProtoNet(nn.Flatten(), test_shift=1).eval()
+    x = torch.zeros(2, 1, 8, 9)
+    x[0, 0, 4, 5] = 1.0
+    x[1, 0, 0, 0] = 1.0
+    z = learner.encode_views(x).view(2, 8, 9)
+    box = torch.zeros(2, 8, 9)
+    box[0, 3:6, 4:7] = 1 / 9
+    box[1, 0:2, 0:2] = 1 / 9
+    torch.testing.assert_close(z, box)
+    # training embeds once, and test_shift=0 is the plain encoder
+    learner.train()
+    torch.testing.assert_close(learner.encode_views(x), x.flatten(1))
+    torch.testing.assert_close(ProtoNet(nn.Flatten()).eval().encode_views(x), x.flatten(1))
+
+
+def test_test_shift_reaches_evaluation_and_checks_its_input() -> None:
+    g = torch.Generator().manual_seed(0)
+    batch = blob_tasks(2, g)
+    model = Conv4(hidden=8, track_running_stats=True)
+    plain, tta = ProtoNet(model, scale=0.1).eval(), ProtoNet(model, scale=0.1, test_shift=2)
+    tta.eval()
+    a, b = plain.evaluate(batch)["loss"], tta.evaluate(batch)["loss"]
+    assert not torch.allclose(a, b)
+    # the same as evaluating on the hand-averaged embeddings
+    views = [torch.roll(F.pad(x, (2, 2, 2, 2)), (dy, dx), (-2, -1))[..., 2:30, 2:30]
+             for x in [torch.cat([batch.support_x, batch.query_x], 1).flatten(0, 1)]
+             for dy in range(-2, 3) for dx in range(-2, 3)]
+    with torch.no_grad():
+        z = torch.stack([plain.encode(v) for v in views]).mean(0).view(2, 30, -1)
+        logits = plain.logits(z[:, :5], batch.support_y, z[:, 5:], 5)
+    expect = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten(),
+                             reduction="none").view(2, -1).mean(1)
+    torch.testing.assert_close(b, expect)
+    with pytest.raises(TaskError, match="test_shift=1"):
+        ProtoNet(nn.Flatten(), test_shift=1).eval().encode_views(torch.zeros(3, 10))
+    with pytest.raises(ConfigError, match="test_shift=5"):
+        ProtoNet(nn.Flatten(), test_shift=5)
+    learner = build("learner", {"kind": "matching", "test_shift": 1}, nn.Flatten())
+    assert learner.test_shift == 1
+
+
 def test_protonet_nca_loss_matches_a_per_example_loop() -> None:
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, 7, 3, generator=g)

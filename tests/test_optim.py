@@ -5,7 +5,7 @@ import torch
 
 from metattn.config import load
 from metattn.errors import ConfigError
-from metattn.optim import MuonAdam, orthogonalize, split_for_muon
+from metattn.optim import MuonAdam, WeightAverage, orthogonalize, split_for_muon
 
 
 @pytest.mark.parametrize("shape", [(16, 16), (32, 8), (8, 32)])
@@ -122,3 +122,32 @@ def test_recipe_option_and_cuda_graph_refusal(tmp_path):
     assert {g["lr"] for g in opt.param_groups} == {sched.get_last_lr()[0]}
     with pytest.raises(ConfigError, match="muon cannot be captured"):
         load("configs/omniglot_5w1s_maml_gpu60s.yaml", ["train.optimizer=muon"])
+
+
+def test_weight_average_follows_its_formula_and_swaps_back() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    avg = WeightAverage(net, decay=0.5)
+    w0 = net[0].weight.detach().clone()
+    expect = w0.clone()
+    for n in range(1, 4):
+        with torch.no_grad():
+            net[0].weight.add_(1.0)
+        net(torch.randn(8, 3))  # training mode: running statistics move
+        avg.update()
+        d = min(0.5, (1 + n) / (10 + n))
+        expect = d * expect + (1 - d) * net[0].weight.detach()
+    live = net[0].weight.detach().clone()
+    torch.testing.assert_close(avg.average[avg.names.index("0.weight")], expect)
+    assert "1.running_mean" in avg.names and "1.num_batches_tracked" not in avg.names
+    with avg.swapped():
+        torch.testing.assert_close(net[0].weight.detach(), expect)
+    assert torch.equal(net[0].weight.detach(), live)  # training continues from the live ones
+    # a checkpoint round trip, and a fresh average from other weights takes it over
+    state = avg.state()
+    other = WeightAverage(net, decay=0.5)
+    assert other.load(state) and other.updates == 3
+    torch.testing.assert_close(other.average[0], avg.average[0])
+    assert not other.load({})
+    with pytest.raises(ConfigError, match="train.ema=1.0"):
+        WeightAverage(net, decay=1.0)

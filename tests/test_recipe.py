@@ -108,16 +108,18 @@ def test_cli_tunes_the_cpu_allocator_unless_told_not_to(tmp_path, opt_out):
     assert tuned is (opt_out == [])
 
 
-@pytest.mark.parametrize("log_every, schedule, optimizer", [
-    (1, "constant", "adam"), (3, "constant", "adam"), (1, "cosine", "adam"),
-    (1, "cosine", "muon")])
-def test_resume_after_a_crash_gives_the_same_losses(tmp_path, log_every, schedule, optimizer):
+@pytest.mark.parametrize("log_every, schedule, optimizer, ema", [
+    (1, "constant", "adam", None), (3, "constant", "adam", None), (1, "cosine", "adam", None),
+    (1, "cosine", "muon", None), (1, "constant", "adam", 0.9)])
+def test_resume_after_a_crash_gives_the_same_losses(tmp_path, log_every, schedule, optimizer,
+                                                    ema):
     """Also when the checkpoint (step 20) is not on a log boundary (every 3 steps): the
     steps of the interrupted window are saved with the checkpoint; and under a warm-up +
-    cosine schedule, whose position must be restored too; and with Muon's momentum."""
+    cosine schedule, whose position must be restored too; and with Muon's momentum; and
+    the weight average (train.ema) continues where it was."""
     cfg = load(write_cfg(tmp_path, train__log_every=log_every, train__schedule=schedule,
                          train__warmup_steps=5 if schedule == "cosine" else 0,
-                         train__optimizer=optimizer))
+                         train__optimizer=optimizer, train__ema=ema))
     full = tmp_path / "full"
     train(cfg, full)
 
@@ -140,7 +142,36 @@ def test_resume_after_a_crash_gives_the_same_losses(tmp_path, log_every, schedul
     assert len(losses(full)) == -(-40 // log_every)
     a = checkpoint.load(full)[0]
     b = checkpoint.load(part)[0]
-    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("model/"))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("model/", "extra/ema")))
+    assert any(k.startswith("extra/ema/") for k in a) == (ema is not None)
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (full, part)]
+    assert summaries[0]["mean"] == summaries[1]["mean"]
+
+
+def test_ema_run_is_evaluated_with_the_average(tmp_path, capsys):
+    cfg = write_cfg(tmp_path, train__ema=0.9, train__eval_every=0)
+    out = tmp_path / "run"
+    assert main(["train", str(cfg), "--out", str(out), "--set", "train.steps=30"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    live = summary["without_ema"]
+    assert live["mean"] != summary["mean"]
+    tensors = checkpoint.load(out)[0]
+    assert int(tensors["extra/ema_updates"]) == 30
+    name = next(k for k in tensors if k.startswith("model/") and k.endswith("weight"))
+    assert not torch.equal(tensors[name], tensors["extra/ema/" + name[len("model/"):]])
+    # metattn eval scores the average (same episodes, same number); without it, the live
+    # weights, as the run's own second evaluation did
+    assert main(["eval", str(out)]) == 0
+    assert json.loads((out / "eval.json").read_text())["mean"] == pytest.approx(summary["mean"])
+    assert main(["eval", str(out), "--set", "train.ema=null"]) == 0
+    assert json.loads((out / "eval.json").read_text())["mean"] == pytest.approx(live["mean"])
+    # a run without an average cannot be evaluated as if it had one
+    plain = tmp_path / "plain"
+    assert main(["train", str(cfg), "--out", str(plain), "--set", "train.steps=5",
+                 "--set", "train.ema=null"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(plain), "--set", "train.ema=0.9"]) == 2
+    assert "holds no weight average" in capsys.readouterr().err
 
 
 def test_resume_refuses_a_changed_config(tmp_path):
@@ -337,6 +368,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
     ({"train": {"device": "gpu"}}, "train.device='gpu' is not a device"),
     ({"train": {"autocast": "fp16"}}, "fp16.*use 'bf16'"),
     ({"train": {"grad_clip": -1.0}}, "train.grad_clip=-1.0"),
+    ({"train": {"ema": 1.0}}, "train.ema=1.0; give the average's decay in \\(0, 1\\)"),
     ({"train": {"lr": -0.001}}, "train.lr=-0.001"),
     ({"train": {"lr": float("nan")}}, "train.lr=nan"),
     ({"train": {"weight_decay": -1.0}}, "train.weight_decay=-1.0"),
@@ -364,7 +396,15 @@ def test_eval_cli_options_and_checkpoint_mismatch_detail(tmp_path, capsys, monke
         main(["eval", str(out), "--episodes", "0"])
     assert "not a positive integer" in capsys.readouterr().err
     assert main(["eval", str(out), "--episodes", "7", "--device", "cpu", "--threads", "1"]) == 0
-    assert json.loads((out / "eval.json").read_text())["episodes"] == 7
+    first = json.loads((out / "eval.json").read_text())
+    assert first["episodes"] == 7 and "overrides" not in first
+    # --set changes the evaluated config (here: no inner steps) and is recorded
+    assert main(["eval", str(out), "--episodes", "7", "--set",
+                 "learner.eval_inner_steps=0"]) == 0
+    changed = json.loads((out / "eval.json").read_text())
+    assert changed["overrides"] == ["learner.eval_inner_steps=0"]
+    assert changed["eval_inner_steps"] == 0 and first["eval_inner_steps"] == 3
+    assert changed["mean"] != first["mean"]
     # a resume may change threads and device (they do not change the maths)
     assert main(["train", str(cfg), "--out", str(out), "--resume", "--set", "train.steps=5",
                  "--set", "train.eval_every=0", "--set", "train.threads=1",

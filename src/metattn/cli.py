@@ -2,7 +2,7 @@
 
     metattn train configs/sinusoid_maml_quick.yaml --set train.steps=2000 --out runs/x
     metattn train configs/sinusoid_maml_quick.yaml --out runs/x --resume
-    metattn eval runs/x --episodes 600
+    metattn eval runs/x --episodes 600 [--set learner.test_shift=1]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from metattn.train import evaluate_run
 
     _tune_allocator(args)
-    summary = evaluate_run(args.run_dir, args.episodes, args.device, args.threads)
+    summary = evaluate_run(args.run_dir, args.episodes, args.device, args.threads, args.set)
     _print_summary(summary, Path(args.run_dir))
     print(f"  wrote {Path(args.run_dir) / 'eval.json'}")
     return 0
@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="test episodes (default: the run's eval.episodes)")
     e.add_argument("--device", default=None, help="evaluate on this device (default: the run's)")
     e.add_argument("--threads", type=_positive, default=None, help="CPU threads")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the run's config for this evaluation, e.g. "
+                        "--set learner.test_shift=1 (repeatable)")
     e.set_defaults(fn=_cmd_eval)
     for cmd in (t, e):
         cmd.add_argument("--malloc-tune", action=argparse.BooleanOptionalAction, default=True,

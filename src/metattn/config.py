@@ -38,6 +38,9 @@ class TrainConfig:
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = 0
     grad_clip: float | None = None
+    # Decay of an exponential moving average of the weights (metattn.optim.WeightAverage),
+    # e.g. 0.999; evaluations use the average, the checkpoint keeps both. null: off.
+    ema: float | None = None
     log_every: int = 50
     eval_every: int = 1000
     eval_episodes: int = 100
@@ -182,6 +185,9 @@ def _check_numbers(cfg: RunConfig) -> None:
         raise ConfigError(f"train.lr={t.lr}; it must be a finite number >= 0")
     if not t.weight_decay >= 0:
         raise ConfigError(f"train.weight_decay={t.weight_decay}; it must be >= 0")
+    if t.ema is not None and not 0 < t.ema < 1:
+        raise ConfigError(f"train.ema={t.ema}; give the average's decay in (0, 1), e.g. "
+                          "0.999, or null for no weight average")
     if t.grad_clip is not None and not t.grad_clip > 0:
         raise ConfigError(f"train.grad_clip={t.grad_clip}; give a norm > 0, or null for no "
                           "clipping (a negative norm would flip the gradients)")

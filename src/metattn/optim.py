@@ -9,12 +9,16 @@ position tables keep Adam (chosen by name: :data:`ADAM_PARTS`). One
 ``state_dict`` and checkpoints treat it like Adam. The Muon update is scaled by
 ``0.2 * sqrt(max(rows, cols))`` (Liu et al. 2025, "Muon is scalable for LLM training"), which
 gives it about AdamW's RMS, so a rate tuned for Adam carries over.
+
+Also here: :class:`WeightAverage`, the exponential moving average of the weights that
+``train.ema`` evaluates with.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -129,3 +133,67 @@ class MuonAdam(torch.optim.Optimizer):
                 denom = (state["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
                 p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** t))
         return loss
+
+
+class WeightAverage:
+    """An exponential moving average of a module's parameters and floating-point buffers
+    (BatchNorm's running statistics), kept beside the live weights.
+
+    ``update()`` after each optimiser step: ``avg <- avg + (1 - d) (live - avg)`` with
+    ``d = min(decay, (1 + n) / (10 + n))`` at the ``n``-th update, so the first updates do not
+    tie the average to the random initialisation. ``swapped()`` puts the average into the
+    module for an evaluation and restores the live weights afterwards (training continues
+    from them). Integer buffers (BatchNorm's batch counter) are the live ones.
+    """
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ConfigError(f"train.ema={decay}; use a decay in (0, 1), e.g. 0.999, or null")
+        self.decay = float(decay)
+        self.updates = 0
+        named = [(k, v) for k, v in module.state_dict(keep_vars=True).items()
+                 if v.is_floating_point()]
+        self.names = [k for k, _ in named]
+        self._live = [v.detach() for _, v in named]  # the module's own storage
+        self.average = [v.detach().clone() for _, v in named]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Move the average towards the live weights (one fused multi-tensor lerp)."""
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.average, self._live, 1.0 - d)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The average as named tensors (for a checkpoint), plus the update count."""
+        out = {f"ema/{k}": v for k, v in zip(self.names, self.average, strict=True)}
+        out["ema_updates"] = torch.tensor(self.updates)
+        return out
+
+    @torch.no_grad()
+    def load(self, tensors: dict[str, torch.Tensor], prefix: str = "") -> bool:
+        """Restore from :meth:`state`'s keys (under ``prefix``); False if they are absent."""
+        keys = [f"{prefix}ema/{k}" for k in self.names]
+        if not all(k in tensors for k in keys):
+            return False
+        for avg, k in zip(self.average, keys, strict=True):
+            avg.copy_(tensors[k])
+        self.updates = int(tensors.get(f"{prefix}ema_updates", torch.tensor(0)))
+        return True
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Copy the average into the module for good (evaluating a saved run)."""
+        torch._foreach_copy_(self._live, self.average)
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Within the block the module holds the average; the live weights come back after."""
+        with torch.no_grad():
+            saved = [v.clone() for v in self._live]
+            torch._foreach_copy_(self._live, self.average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self._live, saved)

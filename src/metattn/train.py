@@ -26,7 +26,7 @@ from metattn.config import RunConfig, config_diff, dump
 from metattn.data.tasks import TaskBatch, fixed_episodes, mean_ci95, split_finite
 from metattn.errors import CheckpointError, ConfigError, MetattnError
 from metattn.meta.base import Learner, eval_mode
-from metattn.optim import MuonAdam, split_for_muon
+from metattn.optim import MuonAdam, WeightAverage, split_for_muon
 from metattn.perf import CUDAGraphStep, cpu_allocator_tuned
 
 # Keys that may differ between a run and its resumption (they do not change the maths).
@@ -621,6 +621,12 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
             budget(start, {"seconds": elapsed})
             cfg.train.steps = _share(cfg.train.steps, world)
         write_config()
+    # train.ema: the weight average starts from the (restored) live weights, or continues
+    # from the checkpoint's average
+    ema = WeightAverage(learner, cfg.train.ema) if cfg.train.ema else None
+    if ema is not None and resume and not ema.load(tensors, "extra/") and is_main:
+        print("[metattn] train.ema: the checkpoint holds no weight average; it starts again "
+              "from the restored weights", flush=True)
 
     model = learner
     if world > 1:
@@ -677,6 +683,7 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                          "log_tasks": tasks_window,
                          "log_seconds": time.perf_counter() - t_window},
                         {"task_generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                         **(ema.state() if ema is not None else {}),
                          **({"cuda_rng": torch.cuda.get_rng_state(device)}
                             if device.type == "cuda" else {})})
         write_config()  # follows the checkpoint (a callback may have moved train.steps)
@@ -752,6 +759,8 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
                 if cfg.train.grad_clip:
                     torch.nn.utils.clip_grad_norm_(learner.parameters(), cfg.train.grad_clip)
                 opt.step()
+            if ema is not None:
+                ema.update()
             sched.step()
             step += 1
             elapsed += time.perf_counter() - t0
@@ -785,9 +794,10 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 \
                     and step < cfg.train.steps:
                 drain(step)  # the replays' time is training time, not evaluation time
-                res = evaluate(learner, eval_sets["periodic"], device, dtype,
-                               lambda d, n, s=step: progress.update(
-                                   s, f"evaluating: {d}/{n} episodes"), rank, world)
+                with ema.swapped() if ema is not None else nullcontext():
+                    res = evaluate(learner, eval_sets["periodic"], device, dtype,
+                                   lambda d, n, s=step: progress.update(
+                                       s, f"evaluating: {d}/{n} episodes"), rank, world)
                 key, mean, ci = headline(res, n_way)
                 logger.log("eval", step, {**{k: v for k, v in res.items()
                                              if not isinstance(v, list)}, "seconds": elapsed})
@@ -822,17 +832,23 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool,
         raise KeyboardInterrupt
     extra = None if budget is None else {  # a time-budgeted run: did the budget end it?
         "max_seconds": budget.seconds, "stopped_by_budget": budget.stopped_by_budget}
-    summary = final_evaluation(cfg, learner, test_tasks, run_dir, device, dtype, n_way,
-                               step, elapsed, write=is_main, extra=extra, rank=rank,
-                               world=world)
-    if is_main:
-        from metattn.plots import training_curves
+    if ema is not None:
+        # the live weights too, on the same episodes: what the average changed
+        live = final_evaluation(cfg, learner, test_tasks, run_dir, device, dtype, n_way,
+                                step, elapsed, write=False, rank=rank, world=world)
+        extra = {**(extra or {}), "without_ema": {k: live[k] for k in ("mean", "ci95")}}
+    with ema.swapped() if ema is not None else nullcontext():
+        summary = final_evaluation(cfg, learner, test_tasks, run_dir, device, dtype, n_way,
+                                   step, elapsed, write=is_main, extra=extra, rank=rank,
+                                   world=world)
+        if is_main:
+            from metattn.plots import training_curves
 
-        training_curves(run_dir / "metrics.jsonl", run_dir / "training.png")
-        plot = getattr(test_tasks, "plot", None)
-        if plot is not None:
-            learner.eval()  # the plot shows the model as evaluated (no dropout)
-            plot(learner, run_dir / "adaptation.png", seed=cfg.eval.seed)
+            training_curves(run_dir / "metrics.jsonl", run_dir / "training.png")
+            plot = getattr(test_tasks, "plot", None)
+            if plot is not None:
+                learner.eval()  # the plot shows the model as evaluated (no dropout)
+                plot(learner, run_dir / "adaptation.png", seed=cfg.eval.seed)
     return summary
 
 
@@ -873,17 +889,22 @@ def final_evaluation(cfg: RunConfig, learner: Learner, test_tasks: Any, run_dir:
 
 
 def evaluate_run(run_dir: str | Path, episodes: int | None = None, device: str | None = None,
-                 threads: int | None = None) -> dict[str, Any]:
+                 threads: int | None = None, overrides: list[str] | None = None
+                 ) -> dict[str, Any]:
     """Re-evaluate a run directory's checkpoint; writes ``eval.json``. ``device`` and
-    ``threads`` override the run's (a GPU run can be evaluated on a CPU machine)."""
+    ``threads`` override the run's (a GPU run can be evaluated on a CPU machine), and
+    ``overrides`` (``KEY=VALUE``) any other field of its config, e.g. a learner's
+    test-time option such as ``learner.test_shift=1``; ``eval.json`` records them."""
     from metattn.config import apply_overrides, from_dict, load
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if episodes is not None and episodes < 1:
         raise ConfigError(f"episodes={episodes}; evaluate on at least 1 episode")
+    user = list(overrides or [])
     overrides = [f"train.device={device}"] if device else []
     overrides += [f"train.threads={threads}"] if threads else []
+    overrides += user
     tensors, state = checkpoint.load(run_dir)
     # the config the checkpoint was trained with (config.yaml may be missing or edited);
     # checkpoints from before it was stored fall back to config.yaml
@@ -897,6 +918,16 @@ def evaluate_run(run_dir: str | Path, episodes: int | None = None, device: str |
     dtype = getattr(torch, cfg.train.dtype)
     _, test_tasks, learner = build(cfg, device)
     checkpoint.restore(tensors, state, learner)
+    if cfg.train.ema:
+        # a run trained with train.ema is evaluated with its weight average (as its own
+        # final evaluation was); --set train.ema=null evaluates the live weights
+        average = WeightAverage(learner, cfg.train.ema)
+        if not average.load(tensors, "extra/"):
+            raise CheckpointError(
+                f"train.ema={cfg.train.ema} but the checkpoint in {str(run_dir)!r} holds no "
+                "weight average; evaluate with --set train.ema=null")
+        average.apply()
     return final_evaluation(cfg, learner, test_tasks, run_dir, device, dtype, None,
                             state["step"], state["seconds"],
-                            episodes=cfg.eval.episodes if episodes is None else episodes)
+                            episodes=cfg.eval.episodes if episodes is None else episodes,
+                            extra={"overrides": user} if user else None)

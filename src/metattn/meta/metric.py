@@ -73,10 +73,14 @@ class MetricLearner(Learner):
     Subclasses implement ``logits(zs, sy, zq, n_way) -> [T, Q, n_way]`` on embeddings.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn | None = None):
+    def __init__(self, model: nn.Module, loss_fn: LossFn | None = None, test_shift: int = 0):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
+        if not 0 <= int(test_shift) <= 4:
+            raise ConfigError(f"{type(self).__name__}.test_shift={test_shift}; use 0 (off) "
+                              "to 4 pixels (each image is embedded (2 s + 1)^2 times)")
+        self.test_shift = int(test_shift)
 
     # ------------------------------------------------------------------ pieces
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,6 +88,32 @@ class MetricLearner(Learner):
         f = getattr(self.model, "features", None)
         z = f(x) if callable(f) else self.model(x)
         return z.flatten(1)
+
+    def encode_views(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`encode`, averaged in eval mode over the ``(2 s + 1)^2`` whole-pixel shifts of
+        each image ``[N, C, H, W]`` by ``-s..s`` pixels per axis, ``s = test_shift`` (blank =
+        zero border, as :class:`~metattn.data.omniglot.OmniglotTasks` ``shift`` trains with).
+
+        Test-time augmentation: the embedding of a drawing then varies less with where it
+        sits in the frame. Only the episode's own images are used (support and query, each
+        on its own), so no other test data enters. Training mode embeds once."""
+        s = self.test_shift
+        if s == 0 or self.training:
+            return self.encode(x)
+        if x.dim() != 4:
+            raise TaskError(f"{type(self).__name__}.test_shift={s} shifts images [N, C, H, W]; "
+                            f"got a {x.dim()}-D batch {tuple(x.shape)} (use test_shift=0)")
+        H, W = x.shape[-2:]
+        pad = F.pad(x, (s, s, s, s))
+        total: torch.Tensor | None = None
+        for dy in range(-s, s + 1):  # one pass per shift: memory stays that of one view
+            for dx in range(-s, s + 1):
+                # view[r, c] = x[r - dy, c - dx]: the drawing moved by (dy, dx)
+                view = pad[..., s - dy:s - dy + H, s - dx:s - dx + W].contiguous()
+                z = self.encode(view).float()
+                total = z if total is None else total + z
+        assert total is not None
+        return total / (2 * s + 1) ** 2
 
     def batch_statistics(self) -> bool:
         """Whether the encoder normalises with batch statistics (a BatchNorm in training mode
@@ -101,9 +131,9 @@ class MetricLearner(Learner):
         T, S, Q = support_x.shape[0], support_x.shape[1], query_x.shape[1]
         x = torch.cat([support_x, query_x], 1)
         if T > 1 and self.batch_statistics():
-            z = torch.stack([self.encode(xt) for xt in x])
+            z = torch.stack([self.encode_views(xt) for xt in x])
         else:
-            z = self.encode(x.flatten(0, 1)).view(T, S + Q, -1)
+            z = self.encode_views(x.flatten(0, 1)).view(T, S + Q, -1)
         if z.dtype in (torch.float16, torch.bfloat16):
             # under autocast: distances and cosines of bf16 embeddings lose ~3 digits; the
             # metric head is cheap, so it runs in float32
@@ -202,8 +232,8 @@ class ProtoNet(MetricLearner):
     """
 
     def __init__(self, model: nn.Module, scale: float = 1.0, learn_scale: bool = False,
-                 loss_fn: LossFn | None = None, train_loss: str = "proto"):
-        super().__init__(model, loss_fn)
+                 loss_fn: LossFn | None = None, train_loss: str = "proto", test_shift: int = 0):
+        super().__init__(model, loss_fn, test_shift)
         s = _scalar(scale, learn_scale, "ProtoNet.scale")
         if isinstance(s, nn.Parameter):
             self.scale = s
@@ -286,8 +316,8 @@ class MatchingNet(MetricLearner):
 
     def __init__(self, model: nn.Module, fce: bool = False, fce_steps: int = 5,
                  temperature: float = 10.0, learn_temperature: bool = True,
-                 dim: int | None = None, loss_fn: LossFn | None = None):
-        super().__init__(model, loss_fn)
+                 dim: int | None = None, loss_fn: LossFn | None = None, test_shift: int = 0):
+        super().__init__(model, loss_fn, test_shift)
         t = _scalar(temperature, learn_temperature, "MatchingNet.temperature")
         if isinstance(t, nn.Parameter):
             self.temperature = t
@@ -398,8 +428,8 @@ class FEAT(MetricLearner):
     def __init__(self, model: nn.Module, temperature: float = 1.0, temperature2: float = 1.0,
                  balance: float = 0.1, n_heads: int = 1, dropout: float = 0.5,
                  attn_dropout: float = 0.1, dim: int | None = None,
-                 loss_fn: LossFn | None = None):
-        super().__init__(model, loss_fn)
+                 loss_fn: LossFn | None = None, test_shift: int = 0):
+        super().__init__(model, loss_fn, test_shift)
         for name, v in (("temperature", temperature), ("temperature2", temperature2)):
             if v <= 0:
                 raise ConfigError(f"FEAT.{name}={v}; it must be > 0")
