@@ -158,7 +158,7 @@ def amp_dtype(args) -> torch.dtype | None:
 
 def make_method(name: str, model: torch.nn.Module, wl: Workload, chunk_size: int | None,
                 checkpoint: bool, check_finite: bool = True,
-                autocast: torch.dtype | None = None):
+                autocast: torch.dtype | None = None, task_threads: int | str = "auto"):
     """(step function that accumulates meta-gradients into .grad, params for the optimiser,
     the metattn learner or None)."""
     ctx = mt.double_backward if wl.double_backward else nullcontext
@@ -167,7 +167,7 @@ def make_method(name: str, model: torch.nn.Module, wl: Workload, chunk_size: int
         kw = {"checkpoint": True} if checkpoint else {}
         learner = mt.MAML(model, inner_lr=wl.inner_lr, inner_steps=wl.inner_steps,
                           first_order=False, vectorize=vec, chunk_size=chunk_size,
-                          check_finite=check_finite, **kw)
+                          check_finite=check_finite, task_threads=task_threads, **kw)
         dev = next(model.parameters()).device.type
 
         def step(batch):
@@ -267,7 +267,8 @@ class Runner:
         self.graphed = bool(args.cuda_graph and ours and device.type == "cuda")
         self.step, params, learner = make_method(
             name, self.model, wl, args.chunk_size, args.checkpoint,
-            check_finite=args.check_finite == "on", autocast=amp_dtype(args) if ours else None)
+            check_finite=args.check_finite == "on", autocast=amp_dtype(args) if ours else None,
+            task_threads=args.task_threads)
         self.opt = torch.optim.Adam(params, lr=1e-3, foreach=True, capturable=self.graphed)
         # metattn.perf.CUDAGraphStep: 2 eager warm-up steps, the capture at the 3rd
         self.graph_step = CUDAGraphStep(learner, self.opt, warmup=2,
@@ -409,7 +410,7 @@ def grad_check(name: str, wl: Workload, base: torch.nn.Module, batch: mt.TaskBat
                      n_way=batch.n_way)
     b = b.to(b.support_x.device, dtype)
     step, _, _ = make_method(name, model, wl, args.chunk_size, args.checkpoint,
-                             autocast=autocast)
+                             autocast=autocast, task_threads=args.task_threads)
     model.zero_grad(set_to_none=True)
     step(b)
     g = [p.grad.detach().double().clone() for p in model.parameters()]
@@ -486,9 +487,9 @@ def print_table(res: dict, header: dict) -> None:
     print(f"\n## {res['workload']} (meta-batch {res['meta_batch']}, {res['inner_steps']} inner "
           f"step(s), second order) on {header['device']}, torch {header['torch']}, "
           f"{header['dtype']}, tf32 {header['tf32']}, malloc {header['malloc']}, check_finite "
-          f"{header['check_finite']}, autocast {header['autocast']}, channels_last "
-          f"{header['channels_last']}, cuda_graph "
-          f"{header['cuda_graph']}")
+          f"{header['check_finite']}, autocast {header['autocast']}, "
+          + (f"channels_last {header['channels_last']}, " if res["workload"] == "conv4" else "")
+          + f"task_threads {header.get('task_threads', 1)}, cuda_graph {header['cuda_graph']}")
     print(f"| method | s/it (median of {header['iters']}) | it/s | tasks/s | peak MB | "
           "vs plain | norm. s/it | grad diff (fp64) | CPU s/it | CPU vs plain |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -540,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="metattn: MAML's per-step NaN check (a device sync on GPUs)")
     p.add_argument("--channels-last", action="store_true",
                    help="metattn's loop method on conv4: Conv4(channels_last=True), NHWC")
+    p.add_argument("--task-threads", default="auto", type=lambda v: v if v == "auto" else int(v),
+                   help="metattn's per-task loop on the CPU: MAML(task_threads=N or auto), "
+                        "N tasks at a time, one intra-op thread each")
     p.add_argument("--autocast", default="none", choices=["none", "bf16"],
                    help="metattn: run the meta-loss under torch.autocast")
     p.add_argument("--cuda-graph", action="store_true",
@@ -576,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     header = {"device": device_name(device), "device_type": device.type,
               "torch": torch.__version__, "dtype": args.dtype, "tf32": args.tf32,
               "check_finite": args.check_finite, "autocast": args.autocast,
-              "channels_last": args.channels_last,
+              "channels_last": args.channels_last, "task_threads": args.task_threads,
               "cuda_graph": bool(args.cuda_graph and device.type == "cuda"),
               "iters": args.iters, "warmup": args.warmup, "threads": torch.get_num_threads(),
               "python": platform.python_version(),

@@ -629,3 +629,73 @@ def test_batchnorm_counter_is_not_touched_by_maml(vectorize, checkpoint):
     bn = model[1]
     assert int(bn.num_batches_tracked) == 0
     assert torch.equal(bn.running_mean, torch.zeros(8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_task_threads_give_the_loops_meta_gradient(kind, fp64):
+    """Tasks on two worker threads (one intra-op thread each): the same meta-loss and
+    meta-gradient as the one-thread loop, the caller's thread count restored, no replica
+    registered as a submodule."""
+    m, batch = make(kind, T=5)
+    keys = set(m.state_dict())
+    ref = mt.MAML(m, inner_lr=0.3, inner_steps=2, vectorize=False, task_threads=1)
+    par = mt.MAML(m, inner_lr=0.3, inner_steps=2, vectorize=False, task_threads=2)
+    threads = torch.get_num_threads()
+    loss_a, g_a = meta_grad(ref, batch)
+    loss_b, g_b = meta_grad(par, batch)
+    assert torch.get_num_threads() == threads
+    assert loss_a == pytest.approx(loss_b, rel=1e-12)
+    torch.testing.assert_close(g_b, g_a, rtol=1e-10, atol=1e-12)
+    assert set(m.state_dict()) == keys and set(par.state_dict()) == set(ref.state_dict())
+
+
+def test_task_threads_carry_the_callers_modes_into_the_workers():
+    """Autocast, grad mode, context variables (the double-backward flag) and the norm rewrite
+    (thread-local) reach the worker threads; BatchNorm running statistics stay untouched."""
+    import threading
+
+    from metattn.nn.attention import double_backward_enabled
+
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append((threading.current_thread().name, torch.is_autocast_enabled("cpu"),
+                         torch.is_grad_enabled(), double_backward_enabled()))
+            return x
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), Probe(), nn.ReLU(), nn.Linear(8, 3))
+    batch = mt.TaskBatch(torch.randn(4, 6, 4), torch.randint(0, 3, (4, 6)),
+                         torch.randn(4, 5, 4), torch.randint(0, 3, (4, 5)), n_way=3)
+    before = m[1].running_mean.clone()
+    learner = mt.MAML(m, inner_lr=0.1, vectorize=False, task_threads=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = learner.meta_loss(batch)
+    loss.backward()
+    assert seen and all(name.startswith("metattn-task") for name, *_ in seen)
+    assert all(amp and grad and dbl for _, amp, grad, dbl in seen)
+    assert torch.equal(m[1].running_mean, before)
+    assert m[0].weight.grad is not None and torch.isfinite(m[0].weight.grad).all()
+
+
+def test_task_threads_errors_reach_the_caller_and_bad_values_are_config_errors():
+    m, batch = make("mlp", T=4)
+    bad = mt.TaskBatch(batch.support_x[..., :3], batch.support_y, batch.query_x[..., :3],
+                       batch.query_y, n_way=batch.n_way)
+    learner = mt.MAML(m, inner_lr=0.1, vectorize=False, task_threads=2)
+    threads = torch.get_num_threads()
+    with pytest.raises(TaskError, match="could not run on this batch"):
+        learner.meta_loss(bad)
+    assert torch.get_num_threads() == threads
+    for value in (0, -1, "many", 1.5):
+        with pytest.raises(ConfigError, match="task_threads"):
+            mt.MAML(m, task_threads=value)
+    # auto: the caller's thread count on the CPU
+    assert mt.MAML(m, task_threads="auto")._threads(torch.device("cpu")) == threads
+    # ... but one thread for a model with active dropout (seeded runs must repeat)
+    drop = mt.TokenTransformer(vocab_size=20, max_len=6, n_classes=3, d_model=16, n_heads=2,
+                               n_layers=1, d_ff=32, dropout=0.2)
+    assert mt.MAML(drop, task_threads="auto")._threads(torch.device("cpu")) == 1
+    assert mt.MAML(drop.eval(), task_threads="auto")._threads(torch.device("cpu")) == threads
+    assert mt.MAML(m, task_threads=4)._threads(torch.device("cuda")) == 1

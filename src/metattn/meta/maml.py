@@ -25,10 +25,14 @@ for every model without convolutions (see :meth:`MAML._use_vmap` for the measure
 
 from __future__ import annotations
 
+import contextvars
+import copy
 import difflib
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager, nullcontext
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -126,6 +130,15 @@ class MAML(Learner):
             The returned meta-loss carries the summed meta-gradient: ``backward`` works as
             usual (scaling, adding other losses, DDP), but it cannot be differentiated again
             (``create_graph=True``); set False for that.
+        task_threads: on the CPU, run the per-task loop (``vectorize=False`` with
+            ``per_task_backward``) on this many threads, each task on ONE intra-op thread
+            (each task's inner loop, query pass and meta-gradient on its own thread; the
+            meta-gradients are summed in task order, so a run gives the same numbers as the
+            loop on one thread, on any machine). Small convolutions and norms use two cores
+            better as two tasks than as one task split in two: Conv-4, meta-batch 32, 2 cores,
+            see README.md. ``"auto"`` (the default): ``torch.get_num_threads()``, or 1 for a
+            model with active dropout (random ops would draw from the shared generator in a
+            thread-dependent order, so seeded runs would not repeat); 1 = off.
         loss_fn: default loss; None = cross-entropy for classification batches, else MSE.
         check_finite: raise :class:`InnerLoopError` when an inner loss is NaN/inf.
 
@@ -153,6 +166,7 @@ class MAML(Learner):
         has_norms: bool | None = None,
         checkpoint: bool = False,
         per_task_backward: bool = True,
+        task_threads: int | Literal["auto"] = "auto",
     ):
         super().__init__()
         if inner_steps < 0:
@@ -188,6 +202,14 @@ class MAML(Learner):
         self.chunk_size = chunk_size
         self.checkpoint = bool(checkpoint)
         self.per_task_backward = bool(per_task_backward)
+        if task_threads != "auto" and not (isinstance(task_threads, int) and task_threads >= 1):
+            raise ConfigError(f"MAML: task_threads={task_threads!r}; use a number of threads "
+                              ">= 1 (1 = off) or 'auto'")
+        self.task_threads = task_threads
+        # per-thread replicas of the model for functional_call, which swaps a module's
+        # tensors while it runs (so one module cannot serve two threads at once); a plain
+        # list, so they are no submodules (no parameters, no state_dict entries)
+        self._replicas: list[nn.Module] = []
         self.loss_fn = loss_fn
         self.check_finite = check_finite
         params = dict(model.named_parameters())
@@ -283,6 +305,7 @@ class MAML(Learner):
         steps: int,
         first_order: bool,
         record: Sequence[int],
+        model: nn.Module | None = None,
     ) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The per-task computation of the loop path: adapt on the support set, measure on the
         query set.
@@ -294,7 +317,7 @@ class MAML(Learner):
         faster on CPU than ``torch.func.grad`` for Conv-4). The vectorised path is
         :meth:`_run_batched`.
         """
-        model = self.model
+        model = self.model if model is None else model
 
         # Buffers are passed as an argument (not captured): modules may update them in place
         # (BatchNorm's num_batches_tracked).
@@ -381,16 +404,28 @@ class MAML(Learner):
                                               split)
             return self._run_batched(part, loss_fn, steps, first_order, record, split)
 
+        threads = self._threads(batch.support_x.device) if taskwise and not ckpt else 1
+
         def one_task(t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             if ckpt:
                 s_, q_, o_ = self._run_checkpointed(batch.slice(t, t + 1), loss_fn, steps,
                                                     record, False, contexts, split)
                 return s_[0], q_[0], o_[0]
-            return f(*(a[t] for a in args))
+            fn = f
+            if threads > 1:  # this worker thread's replica of the model
+                fn = self._task_fn(fast, slow, buffers, loss_fn, steps, first_order, record,
+                                   model=_WORKER.model)
+            return fn(*(a[t] for a in args))
+
+        run_units = None
+        if threads > 1:
+            def run_units(unit, n):  # noqa: E306
+                return self._in_threads(unit, n, threads, contexts)
 
         with contexts():
             if taskwise:
-                s, q, o, loss = self._taskwise(one_task, batch.num_tasks, weights)
+                s, q, o, loss = self._taskwise(one_task, batch.num_tasks, weights,
+                                               run_units=run_units)
             elif chunkwise:
                 s, q, o, loss = self._taskwise(one_chunk, -(-batch.num_tasks // cs), weights,
                                                num_tasks=batch.num_tasks)
@@ -475,17 +510,90 @@ class MAML(Learner):
         s = torch.stack(s_losses, 1) if s_losses else batch.query_x.new_zeros(T, 0)
         return s, torch.stack(q_losses, 1), torch.stack(q_outs, 1)
 
+    def _threads(self, device: torch.device) -> int:
+        """How many threads the per-task loop runs on (``task_threads``; CPU only, and not
+        while attention is recorded: the records must come in task order)."""
+        if device.type != "cpu" or recording():
+            return 1
+        if self.task_threads == "auto":
+            # random ops would draw from the shared generator in a thread-dependent order:
+            # auto keeps such models on one thread, so a seeded run stays reproducible
+            return 1 if _draws_random_numbers(self.model) else max(1, torch.get_num_threads())
+        return int(self.task_threads)
+
+    def _in_threads(self, unit: Callable[[int], Any], n: int, threads: int,
+                    contexts: Callable[[], ExitStack]) -> Iterator[Any]:
+        """``unit(0..n-1)`` on ``threads`` worker threads (one intra-op thread each), yielded
+        in unit order. Each worker gets the caller's grad mode, autocast, context variables
+        (attention recording, the double-backward flag) and ``contexts()`` (the thread-local
+        norm rewrite), and its own structural replica of the model: the module objects are
+        copied, their parameters and buffers are the model's own tensors."""
+        shared = {id(t): t for t in list(self.model.parameters()) + list(self.model.buffers())}
+        try:
+            replicas = [copy.deepcopy(self.model, dict(shared)) for _ in range(threads)]
+        except Exception as err:  # noqa: BLE001  (any module state deepcopy cannot copy)
+            raise ConfigError(f"MAML(task_threads={self.task_threads!r}): the model cannot be "
+                              f"replicated for the worker threads ({err}); use task_threads=1"
+                              ) from err
+        free = list(replicas)
+        lock = threading.Lock()
+        grad = torch.is_grad_enabled()
+        amp = torch.is_autocast_enabled("cpu")
+        amp_dtype = torch.get_autocast_dtype("cpu")
+
+        def job(t: int) -> Any:
+            with lock:
+                _WORKER.model = free.pop()
+            try:
+                with torch.set_grad_enabled(grad), \
+                        torch.autocast("cpu", dtype=amp_dtype, enabled=amp), contexts():
+                    return unit(t)
+            finally:
+                with lock:
+                    free.append(_WORKER.model)
+                _WORKER.model = None
+
+        pool = _pool(threads)
+        futures = [pool.submit(contextvars.copy_context().run, job, t) for t in range(n)]
+        # the caller's own ops meanwhile (summing the gradients) on one thread: its OpenMP
+        # team would otherwise wake for each of them and spin on the workers' cores
+        caller_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for fut in futures:
+                yield fut.result()
+        finally:
+            for fut in futures:  # on an error: drop the queued tasks, wait for running ones
+                fut.cancel()
+            wait(futures)
+            torch.set_num_threads(caller_threads)
+
     @staticmethod
     def _taskwise(one_task: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                  num_units: int, weights: Sequence[float], num_tasks: int | None = None
+                  num_units: int, weights: Sequence[float], num_tasks: int | None = None,
+                  run_units: Callable[[Callable[[int], Any], int], Iterable[Any]] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-task backward: the meta-gradient of each task's weighted query loss is taken
         right after its inner loop, and the task's graph is freed before the next task.
 
         With ``num_tasks`` set, each unit is a CHUNK of tasks (outputs with a leading task
-        dimension, concatenated), of ``num_tasks`` in all."""
+        dimension, concatenated), of ``num_tasks`` in all. ``run_units(unit, n)`` yields
+        ``unit(0..n-1)`` in order (default: one after the other; :meth:`_in_threads`); the
+        sums run here, in unit order, so they do not depend on how the units were run."""
         chunks = num_tasks is not None
         num_tasks = num_tasks if chunks else num_units
+
+        def unit(t: int) -> tuple:
+            s_t, q_t, o_t = one_task(t)
+            loss_t = _weighted(q_t, weights).sum() / num_tasks
+            mine = _graph_leaves(loss_t)
+            gs: Sequence[torch.Tensor | None] = ()
+            if mine:
+                # a backward, so outside any autocast region (as loss.backward() would be)
+                with torch.autocast(q_t.device.type, enabled=False):
+                    gs = torch.autograd.grad(loss_t, mine, allow_unused=True)
+            return s_t.detach(), q_t.detach(), o_t.detach(), loss_t.detach(), mine, gs
+
         # The leaves are collected task by task: a model with data-dependent branches may reach
         # a parameter in one task's graph and not in another's.
         leaves: list[torch.Tensor] = []
@@ -493,25 +601,20 @@ class MAML(Learner):
         total: list[torch.Tensor | None] = []
         value = None
         outs = []
-        for t in range(num_units):
-            s_t, q_t, o_t = one_task(t)
-            loss_t = _weighted(q_t, weights).sum() / num_tasks
-            mine = _graph_leaves(loss_t)
+        results = (unit(t) for t in range(num_units)) if run_units is None \
+            else run_units(unit, num_units)
+        for s_t, q_t, o_t, loss_t, mine, gs in results:
             for leaf in mine:
                 if id(leaf) not in where:
                     where[id(leaf)] = len(leaves)
                     leaves.append(leaf)
                     total.append(None)
-            if mine:
-                # a backward, so outside any autocast region (as loss.backward() would be)
-                with torch.autocast(q_t.device.type, enabled=False):
-                    gs = torch.autograd.grad(loss_t, mine, allow_unused=True)
-                for leaf, g in zip(mine, gs, strict=True):
-                    i = where[id(leaf)]
-                    if g is not None:
-                        total[i] = g if total[i] is None else total[i] + g
-            value = loss_t.detach() if value is None else value + loss_t.detach()
-            outs.append((s_t.detach(), q_t.detach(), o_t.detach()))
+            for leaf, g in zip(mine, gs, strict=True):
+                i = where[id(leaf)]
+                if g is not None:
+                    total[i] = g if total[i] is None else total[i] + g
+            value = loss_t if value is None else value + loss_t
+            outs.append((s_t, q_t, o_t))
         join = torch.cat if chunks else torch.stack
         s, q, o = (join(z) for z in zip(*outs, strict=True))
         loss = _PerTaskMetaLoss.apply(value, tuple(total), *leaves) if leaves else value
@@ -732,6 +835,39 @@ def _weighted(q: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
     """Each task's query losses ``q[..., j]`` (one per recorded inner step) weighted and
     summed. Python-float weights: no host-to-device copy, so a CUDA graph can capture it."""
     return torch.stack([q[..., j] * wj for j, wj in enumerate(weights)], -1).sum(-1)
+
+
+_WORKER = threading.local()  # the model replica of a task_threads worker
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``threads`` workers, each limited to one intra-op thread
+    (``torch.set_num_threads`` is per thread under OpenMP: the caller keeps its own)."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(threads)
+        if pool is None:
+            pool = ThreadPoolExecutor(threads, thread_name_prefix="metattn-task",
+                                      initializer=torch.set_num_threads, initargs=(1,))
+            _POOLS[threads] = pool
+        return pool
+
+
+def _draws_random_numbers(model: nn.Module) -> bool:
+    """Whether ``model`` has active dropout: a ``torch.nn`` dropout module, or a module with
+    a positive ``dropout`` / ``dropout_p`` / ``attn_dropout`` rate (metattn's attention), in
+    training mode."""
+    for mod in model.modules():
+        if not mod.training:
+            continue
+        if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0:
+            return True
+        for name in ("dropout", "dropout_p", "attn_dropout"):
+            rate = getattr(mod, name, None)
+            if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0:
+                return True
+    return False
 
 
 def _graph_leaves(t: torch.Tensor) -> list[torch.Tensor]:
