@@ -30,7 +30,9 @@ eager steps), ``--check-finite off`` drops MAML's per-step NaN check (a host syn
 kernels need AVX512-BF16 or AMX; the table's footnote then gives that meta-gradient's error
 against the float64 plain loop, beside float32's) and ``--profile`` prints torch.profiler
 tables: kernels per meta-step and how much of the wall time the device is busy.
-``--channels-last`` builds the Conv4 of metattn's ``loop`` method in NHWC order. The
+``--task-threads N|auto`` (default auto) is ``MAML(task_threads=...)``: on the CPU metattn's
+per-task loop runs N tasks at a time, each on one intra-op thread (1 = one task at a time on
+all threads). ``--channels-last`` builds the Conv4 of metattn's ``loop`` method in NHWC order. The
 references (``plain``, ``higher``) run torch's own ``nn.MaxPool2d``; metattn's Conv4 pools
 NCHW CPU tensors through its faster, equal :class:`metattn.nn.backbones.MaxPool2x2`.
 
