@@ -699,3 +699,37 @@ def test_task_threads_errors_reach_the_caller_and_bad_values_are_config_errors()
     assert mt.MAML(drop, task_threads="auto")._threads(torch.device("cpu")) == 1
     assert mt.MAML(drop.eval(), task_threads="auto")._threads(torch.device("cpu")) == threads
     assert mt.MAML(m, task_threads=4)._threads(torch.device("cuda")) == 1
+
+
+def test_task_threads_keep_few_tasks_in_flight_and_never_more_threads_than_tasks():
+    """A finished task holds a whole meta-gradient: at most 2 per worker may wait for the
+    (slow) caller; a one-task batch runs on the caller's thread; the default is off."""
+    import threading
+    import time
+    from contextlib import ExitStack
+
+    m, batch = make("mlp", T=1)
+    learner = mt.MAML(m, inner_lr=0.1, vectorize=False, task_threads=2)
+    started, seen = [], []
+
+    def unit(t):
+        started.append(t)
+        return t
+
+    for r in learner._in_threads(unit, 20, 2, ExitStack):
+        time.sleep(0.005)  # a slow consumer: unbounded workers would run far ahead
+        assert len(started) - len(seen) <= 5
+        seen.append(r)
+    assert seen == list(range(20))
+    names = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            names.append(threading.current_thread().name)
+            return x
+
+    probe = nn.Sequential(nn.Linear(4, 3), Probe())
+    loss, _ = mt.MAML(probe, inner_lr=0.1, vectorize=False, task_threads=2).meta_loss(batch)
+    loss.backward()
+    assert names and all(n == threading.current_thread().name for n in names)
+    assert mt.MAML(m).task_threads == 1

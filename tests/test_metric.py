@@ -74,6 +74,10 @@ def test_test_shift_averages_the_embeddings_of_every_shifted_view() -> None:
     learner.train()
     torch.testing.assert_close(learner.encode_views(x), x.flatten(1))
     torch.testing.assert_close(ProtoNet(nn.Flatten()).eval().encode_views(x), x.flatten(1))
+    # float64 stays float64 (bf16 under autocast becomes float32)
+    learner.eval()
+    assert learner.encode_views(x.double()).dtype == torch.float64
+    assert learner.encode_views(x.bfloat16()).dtype == torch.float32
 
 
 def test_test_shift_reaches_evaluation_and_checks_its_input() -> None:

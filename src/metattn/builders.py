@@ -68,7 +68,7 @@ def maml(model: nn.Module, inner_lr: float = 0.4, inner_steps: int = 1,
          msl_steps: int = 0, second_order_start: int = 0, eval_inner_steps: int | None = None,
          vectorize: bool | Literal["auto"] = "auto", chunk_size: int | None = None,
          checkpoint: bool = False, per_task_backward: bool = True,
-         task_threads: int | Literal["auto"] = "auto") -> MAML:
+         task_threads: int | Literal["auto"] = 1) -> MAML:
     """The whole MAML family (FOMAML, ANIL, Meta-SGD, MAML++ are options)."""
     return MAML(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order,
                 adapt=adapt, learn_inner_lr=learn_inner_lr, msl_steps=msl_steps,

@@ -29,9 +29,10 @@ import contextvars
 import copy
 import difflib
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import ExitStack, contextmanager, nullcontext
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import ExitStack, closing, contextmanager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -136,9 +137,13 @@ class MAML(Learner):
             meta-gradients are summed in task order, so a run gives the same numbers as the
             loop on one thread, on any machine). Small convolutions and norms use two cores
             better as two tasks than as one task split in two: Conv-4, meta-batch 32, 2 cores,
-            see README.md. ``"auto"`` (the default): ``torch.get_num_threads()``, or 1 for a
-            model with active dropout (random ops would draw from the shared generator in a
-            thread-dependent order, so seeded runs would not repeat); 1 = off.
+            see README.md. ``"auto"``: ``torch.get_num_threads()``, or 1 for a model with
+            active dropout (its random draws would depend on thread timing, so seeded runs
+            would not repeat); 1 (the default) = off. Opt-in, since the workers run
+            structural copies of the model (``copy.deepcopy`` of the modules, sharing the
+            parameter tensors): a model that cannot be deep-copied is refused, hooks that
+            are bound methods of other objects fire on copies of those objects, and random
+            ops other than dropout draw in a thread-dependent order.
         loss_fn: default loss; None = cross-entropy for classification batches, else MSE.
         check_finite: raise :class:`InnerLoopError` when an inner loss is NaN/inf.
 
@@ -166,7 +171,7 @@ class MAML(Learner):
         has_norms: bool | None = None,
         checkpoint: bool = False,
         per_task_backward: bool = True,
-        task_threads: int | Literal["auto"] = "auto",
+        task_threads: int | Literal["auto"] = 1,
     ):
         super().__init__()
         if inner_steps < 0:
@@ -404,7 +409,9 @@ class MAML(Learner):
                                               split)
             return self._run_batched(part, loss_fn, steps, first_order, record, split)
 
-        threads = self._threads(batch.support_x.device) if taskwise and not ckpt else 1
+        # (never more threads than tasks: idle workers would only take the caller's threads)
+        threads = (min(self._threads(batch.support_x.device), batch.num_tasks)
+                   if taskwise and not ckpt else 1)
 
         def one_task(t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             if ckpt:
@@ -553,19 +560,37 @@ class MAML(Learner):
                     free.append(_WORKER.model)
                 _WORKER.model = None
 
-        pool = _pool(threads)
-        futures = [pool.submit(contextvars.copy_context().run, job, t) for t in range(n)]
         # the caller's own ops meanwhile (summing the gradients) on one thread: its OpenMP
-        # team would otherwise wake for each of them and spin on the workers' cores
+        # team would otherwise wake for each of them and spin on the workers' cores; each
+        # worker gets an equal share of the caller's threads (one each on 2 cores)
         caller_threads = torch.get_num_threads()
+        pool = _pool(threads, max(1, caller_threads // threads))
+        # at most 2 units per worker in flight: a finished unit holds a whole meta-gradient,
+        # so the memory stays a few tasks' worth, as in the one-thread loop
+        pending: deque[Future] = deque()
+        submitted = 0
+
+        def submit_upto(limit: int) -> None:
+            nonlocal submitted
+            while submitted < min(n, limit):
+                pending.append(pool.submit(contextvars.copy_context().run, job, submitted))
+                submitted += 1
+
         torch.set_num_threads(1)
         try:
-            for fut in futures:
-                yield fut.result()
+            submit_upto(2 * threads)
+            done = 0
+            while pending:
+                result = pending.popleft().result()
+                done += 1
+                submit_upto(done + 2 * threads)
+                yield result
+                del result
         finally:
-            for fut in futures:  # on an error: drop the queued tasks, wait for running ones
+            for fut in pending:  # on an error: drop the queued units, wait for running ones
                 fut.cancel()
-            wait(futures)
+            wait(list(pending))
+            pending.clear()
             torch.set_num_threads(caller_threads)
 
     @staticmethod
@@ -603,18 +628,21 @@ class MAML(Learner):
         outs = []
         results = (unit(t) for t in range(num_units)) if run_units is None \
             else run_units(unit, num_units)
-        for s_t, q_t, o_t, loss_t, mine, gs in results:
-            for leaf in mine:
-                if id(leaf) not in where:
-                    where[id(leaf)] = len(leaves)
-                    leaves.append(leaf)
-                    total.append(None)
-            for leaf, g in zip(mine, gs, strict=True):
-                i = where[id(leaf)]
-                if g is not None:
-                    total[i] = g if total[i] is None else total[i] + g
-            value = loss_t if value is None else value + loss_t
-            outs.append((s_t, q_t, o_t))
+        # closing: an error while summing ends the runner at once (its threads restored), not
+        # whenever the traceback lets the generator go
+        with closing(results):
+            for s_t, q_t, o_t, loss_t, mine, gs in results:
+                for leaf in mine:
+                    if id(leaf) not in where:
+                        where[id(leaf)] = len(leaves)
+                        leaves.append(leaf)
+                        total.append(None)
+                for leaf, g in zip(mine, gs, strict=True):
+                    i = where[id(leaf)]
+                    if g is not None:
+                        total[i] = g if total[i] is None else total[i] + g
+                value = loss_t if value is None else value + loss_t
+                outs.append((s_t, q_t, o_t))
         join = torch.cat if chunks else torch.stack
         s, q, o = (join(z) for z in zip(*outs, strict=True))
         loss = _PerTaskMetaLoss.apply(value, tuple(total), *leaves) if leaves else value
@@ -838,19 +866,26 @@ def _weighted(q: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
 
 
 _WORKER = threading.local()  # the model replica of a task_threads worker
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
 
-def _pool(threads: int) -> ThreadPoolExecutor:
-    """A process-wide pool of ``threads`` workers, each limited to one intra-op thread
-    (``torch.set_num_threads`` is per thread under OpenMP: the caller keeps its own)."""
+def _limit_threads(intra: int) -> None:
+    """A worker's intra-op threads (``torch.set_num_threads`` is per thread under OpenMP: the
+    caller keeps its own). ``get_num_threads`` first: torch's lazy per-thread setup would
+    otherwise reset the count at the worker's first op."""
+    torch.get_num_threads()
+    torch.set_num_threads(intra)
+
+
+def _pool(threads: int, intra: int = 1) -> ThreadPoolExecutor:
+    """A process-wide pool of ``threads`` workers with ``intra`` intra-op threads each."""
     with _POOLS_LOCK:
-        pool = _POOLS.get(threads)
+        pool = _POOLS.get((threads, intra))
         if pool is None:
             pool = ThreadPoolExecutor(threads, thread_name_prefix="metattn-task",
-                                      initializer=torch.set_num_threads, initargs=(1,))
-            _POOLS[threads] = pool
+                                      initializer=_limit_threads, initargs=(intra,))
+            _POOLS[(threads, intra)] = pool
         return pool
 
 

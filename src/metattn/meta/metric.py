@@ -110,7 +110,9 @@ class MetricLearner(Learner):
             for dx in range(-s, s + 1):
                 # view[r, c] = x[r - dy, c - dx]: the drawing moved by (dy, dx)
                 view = pad[..., s - dy:s - dy + H, s - dx:s - dx + W].contiguous()
-                z = self.encode(view).float()
+                z = self.encode(view)
+                # at least float32 (a bf16 embedding under autocast), float64 stays float64
+                z = z.to(torch.promote_types(z.dtype, torch.float32))
                 total = z if total is None else total + z
         assert total is not None
         return total / (2 * s + 1) ** 2
