@@ -211,10 +211,6 @@ class MAML(Learner):
             raise ConfigError(f"MAML: task_threads={task_threads!r}; use a number of threads "
                               ">= 1 (1 = off) or 'auto'")
         self.task_threads = task_threads
-        # per-thread replicas of the model for functional_call, which swaps a module's
-        # tensors while it runs (so one module cannot serve two threads at once); a plain
-        # list, so they are no submodules (no parameters, no state_dict entries)
-        self._replicas: list[nn.Module] = []
         self.loss_fn = loss_fn
         self.check_finite = check_finite
         params = dict(model.named_parameters())
@@ -534,15 +530,16 @@ class MAML(Learner):
         in unit order. Each worker gets the caller's grad mode, autocast, context variables
         (attention recording, the double-backward flag) and ``contexts()`` (the thread-local
         norm rewrite), and its own structural replica of the model: the module objects are
-        copied, their parameters and buffers are the model's own tensors."""
+        copied, their parameters and buffers are the model's own tensors (functional_call
+        swaps a module's tensors while it runs, so one module cannot serve two threads; made
+        per call, about 1 ms each, so they follow the model's current mode and attributes)."""
         shared = {id(t): t for t in list(self.model.parameters()) + list(self.model.buffers())}
         try:
-            replicas = [copy.deepcopy(self.model, dict(shared)) for _ in range(threads)]
+            free = [copy.deepcopy(self.model, dict(shared)) for _ in range(threads)]
         except Exception as err:  # noqa: BLE001  (any module state deepcopy cannot copy)
             raise ConfigError(f"MAML(task_threads={self.task_threads!r}): the model cannot be "
                               f"replicated for the worker threads ({err}); use task_threads=1"
                               ) from err
-        free = list(replicas)
         lock = threading.Lock()
         grad = torch.is_grad_enabled()
         amp = torch.is_autocast_enabled("cpu")
