@@ -33,8 +33,11 @@ tables: kernels per meta-step and how much of the wall time the device is busy.
 ``--task-threads N|auto`` (default auto) is ``MAML(task_threads=...)``: on the CPU metattn's
 per-task loop runs N tasks at a time, each on one intra-op thread (1 = one task at a time on
 all threads). ``--channels-last`` builds the Conv4 of metattn's ``loop`` method in NHWC order. The
-references (``plain``, ``higher``) run torch's own ``nn.MaxPool2d``; metattn's Conv4 pools
-NCHW CPU tensors through its faster, equal :class:`metattn.nn.backbones.MaxPool2x2`.
+references (``plain``, ``higher``) run torch's own ``nn.MaxPool2d`` and the textbook conv +
+BatchNorm modules; metattn's Conv4 pools NCHW CPU tensors through its faster, equal
+:class:`metattn.nn.backbones.MaxPool2x2` and computes its first conv + BatchNorm as one folded
+matmul (``Conv4(fold_first_norm=True)``, the same function; ``--no-fold`` turns it off, to
+measure what comes from the MAML loop alone).
 
     python benchmarks/throughput.py --workload conv4 --iters 5 --warmup 1 --threads 2
     python benchmarks/throughput.py --device cuda --tf32 on --json out.json
@@ -387,13 +390,18 @@ def profile(r: Runner, batches: list[mt.TaskBatch], wl_name: str, iters: int = 3
 
 def prepare(model: torch.nn.Module, name: str, args) -> None:
     """The references (``plain``, ``higher``) run torch's own ``nn.MaxPool2d``, not metattn's
-    CPU max-pool; ``--channels-last`` puts metattn's ``loop`` method's Conv4 in NHWC order (vmap
-    batches 5-D inputs, which channels_last does not cover)."""
+    CPU max-pool, and Conv4's textbook first block (``fold_first_norm=False``, as metattn's
+    methods under ``--no-fold``); ``--channels-last`` puts metattn's ``loop`` method's Conv4 in
+    NHWC order (vmap batches 5-D inputs, which channels_last does not cover)."""
     if name in ("plain", "higher"):
+        if isinstance(model, mt.Conv4):  # the textbook first block, not the folded matmul
+            model.fold_first_norm = False
         for mod in model.modules():
             for child_name, child in mod.named_children():
                 if isinstance(child, MaxPool2x2):
                     setattr(mod, child_name, torch.nn.MaxPool2d(2))
+    if name in ("vmap", "loop", "auto") and args.no_fold and isinstance(model, mt.Conv4):
+        model.fold_first_norm = False
     if name == "loop" and args.channels_last and isinstance(model, mt.Conv4):
         model.channels_last = True  # NHWC weights and activations (same numbers)
         model.body.to(memory_format=torch.channels_last)
@@ -490,7 +498,8 @@ def print_table(res: dict, header: dict) -> None:
           f"step(s), second order) on {header['device']}, torch {header['torch']}, "
           f"{header['dtype']}, tf32 {header['tf32']}, malloc {header['malloc']}, check_finite "
           f"{header['check_finite']}, autocast {header['autocast']}, "
-          + (f"channels_last {header['channels_last']}, " if res["workload"] == "conv4" else "")
+          + (f"channels_last {header['channels_last']}, fold_first_norm "
+             f"{header.get('fold_first_norm', False)}, " if res["workload"] == "conv4" else "")
           + f"task_threads {header.get('task_threads', 1)}, cuda_graph {header['cuda_graph']}")
     print(f"| method | s/it (median of {header['iters']}) | it/s | tasks/s | peak MB | "
           "vs plain | norm. s/it | grad diff (fp64) | CPU s/it | CPU vs plain |")
@@ -543,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="metattn: MAML's per-step NaN check (a device sync on GPUs)")
     p.add_argument("--channels-last", action="store_true",
                    help="metattn's loop method on conv4: Conv4(channels_last=True), NHWC")
+    p.add_argument("--no-fold", action="store_true",
+                   help="metattn's Conv4 runs its textbook first block too (no folded matmul)")
     p.add_argument("--task-threads", default="auto", type=lambda v: v if v == "auto" else int(v),
                    help="metattn's per-task loop on the CPU: MAML(task_threads=N or auto), "
                         "N tasks at a time, one intra-op thread each")
@@ -582,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     header = {"device": device_name(device), "device_type": device.type,
               "torch": torch.__version__, "dtype": args.dtype, "tf32": args.tf32,
               "check_finite": args.check_finite, "autocast": args.autocast,
-              "channels_last": args.channels_last, "task_threads": args.task_threads,
+              "channels_last": args.channels_last, "fold_first_norm": not args.no_fold,
+              "task_threads": args.task_threads,
               "cuda_graph": bool(args.cuda_graph and device.type == "cuda"),
               "iters": args.iters, "warmup": args.warmup, "threads": torch.get_num_threads(),
               "python": platform.python_version(),

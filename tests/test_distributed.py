@@ -260,12 +260,18 @@ def test_protonet_on_two_processes_equals_one(tmp_path):
     data["task"] = {"kind": "omniglot", "n_way": 5, "k_shot": 1, "k_query": 2}
     data["model"] = {"kind": "conv4", "hidden": 8}
     data["learner"] = {"kind": "protonet", "scale": 0.05}
-    data["train"].update({"meta_batch": 2, "dtype": "float32"})
+    # one thread in every process (torchrun's ranks get one too): float32 reductions then
+    # add in the same order (MKL splits a long matmul reduction by the thread count)
+    data["train"].update({"meta_batch": 2, "dtype": "float32", "threads": 1})
     data["eval"] = {"episodes": 4, "chunk": 4}
     cfg_path = tmp_path / "pn.yaml"
     cfg_path.write_text(yaml.safe_dump(data))
     _torchrun(cfg_path, tmp_path / "two")
-    train(from_dict(data), tmp_path / "one")
+    threads = torch.get_num_threads()
+    try:
+        train(from_dict(data), tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
     # Conv biases feed BatchNorm, which removes them: their true gradient is 0, so Adam turns
     # rounding noise into full-size steps; they cannot change any output and are left out.
     conv_bias = {f"model/model.body.{i}.bias" for i in (0, 4, 8, 12)}

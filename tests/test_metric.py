@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -372,7 +374,7 @@ def test_conv4_channels_last_same_numbers_and_gradients() -> None:
 def test_conv4_pool_before_relu_is_the_textbook_block_exactly() -> None:
     """Conv4 max-pools before its ReLU (cheaper); values and gradients equal the paper's order."""
     torch.manual_seed(0)
-    ours = Conv4(1, 5, hidden=8, image_size=28).double()
+    ours = Conv4(1, 5, hidden=8, image_size=28, fold_first_norm=False).double()
     blocks: list[nn.Module] = []
     for c in (1, 8, 8, 8):
         blocks += [nn.Conv2d(c, 8, 3, padding=1), nn.BatchNorm2d(8, track_running_stats=False),
@@ -389,6 +391,83 @@ def test_conv4_pool_before_relu_is_the_textbook_block_exactly() -> None:
     gb = torch.autograd.grad((fb * w).sum(), list(textbook.parameters()))
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("in_channels,conv_bias,affine,channels_last,size", [
+    (1, True, True, False, 28), (3, False, True, False, 21), (1, True, False, True, 16)])
+def test_conv4_folded_first_block_equals_the_modules(
+        in_channels: int, conv_bias: bool, affine: bool, channels_last: bool, size: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """fold_first_norm: the first conv + batch-statistics BatchNorm as one matmul with folded
+    weights gives the textbook modules' values, gradients (parameters and input) and
+    gradients of gradients (MAML's inner step is differentiated again), in float64."""
+    from metattn.nn import backbones
+
+    calls = []
+    folded = backbones._conv_bn_folded
+    monkeypatch.setattr(backbones, "_conv_bn_folded",
+                        lambda *a: calls.append(a[0].shape) or folded(*a))
+    torch.manual_seed(0)
+    ours = Conv4(in_channels, 5, hidden=6, image_size=size,
+                 channels_last=channels_last).double()
+    first = ours.body[0]
+    if not conv_bias:
+        first.bias = None
+    if not affine:
+        ours.body[1] = nn.BatchNorm2d(6, affine=False, track_running_stats=False).double()
+    with torch.no_grad():  # a non-trivial BatchNorm affine and conv bias
+        for p in ours.body[:2].parameters():
+            p.add_(torch.randn_like(p))
+    ref = copy.deepcopy(ours)
+    ref.fold_first_norm = False
+    x = torch.rand(5, in_channels, size, size, dtype=torch.float64, requires_grad=True)
+    ya, yb = ours(x), ref(x)
+    assert calls == [x.shape]  # the folded path ran, once, for ours only
+    torch.testing.assert_close(ya, yb, rtol=1e-10, atol=1e-10)
+    w = torch.randn_like(ya)
+    ga = torch.autograd.grad((ya * w).sum(), [x, *ours.parameters()], create_graph=True)
+    gb = torch.autograd.grad((yb * w).sum(), [x, *ref.parameters()], create_graph=True)
+    for a, b in zip(ga, gb, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    va = [torch.randn_like(g) for g in ga]
+    ha = torch.autograd.grad(sum((g * v).sum() for g, v in zip(ga, va)),
+                             [x, *ours.parameters()], allow_unused=True)
+    hb = torch.autograd.grad(sum((g * v).sum() for g, v in zip(gb, va)),
+                             [x, *ref.parameters()], allow_unused=True)
+    for a, b in zip(ha, hb, strict=True):
+        if a is None or b is None:  # (a conv bias before BatchNorm has zero curvature)
+            assert (a if b is None else b) is None or (a if b is None else b).abs().max() < 1e-9
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+    assert ha[0].abs().max() > 1e-3  # the second-order term is not trivially zero
+
+
+def test_conv4_folded_first_block_only_where_it_is_the_same_function(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fold needs a BatchNorm on batch statistics that updates nothing, no hooks, no
+    autocast and no torch.func transform; otherwise the modules run (running statistics kept
+    and updated as usual)."""
+    from metattn.nn import backbones
+
+    calls = []
+    folded = backbones._conv_bn_folded
+    monkeypatch.setattr(backbones, "_conv_bn_folded",
+                        lambda *a: calls.append(1) or folded(*a))
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 28, 28)
+    running = Conv4(1, 5, hidden=4, image_size=28, track_running_stats=True)
+    running(x)
+    assert not calls and int(running.body[1].num_batches_tracked) == 1
+    net = Conv4(1, 5, hidden=4, image_size=28)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x)
+    torch.func.vmap(net)(x.unsqueeze(1))
+    handle = net.body[1].register_forward_hook(lambda *a: calls.append("hook"))
+    net(x)
+    assert calls == ["hook"]  # the hooked module ran, not the fold
+    handle.remove()
+    net(x)
+    assert calls == ["hook", 1]
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 28, 28), (2, 3, 7, 7), (2, 5, 6, 9)])
@@ -426,14 +505,16 @@ def test_cpu_max_pool_equals_torch_to_second_order(shape: tuple[int, ...],
         assert torch.equal(MaxPool2x2()(t), ref(t)) and torch.equal(gt, gr)
 
 
-def test_conv4_maml_meta_gradient_with_the_cpu_pool_equals_torch_pool() -> None:
-    """Second-order MAML (the per-task loop path, where the fast pool runs) over Conv4: the
-    meta-gradient equals that of the same net with nn.MaxPool2d, in float64."""
+@pytest.mark.parametrize("fold", [False, True])
+def test_conv4_maml_meta_gradient_with_the_cpu_pool_equals_torch_pool(fold: bool) -> None:
+    """Second-order MAML (the per-task loop path, where the fast pool and the folded first
+    block run) over Conv4: the meta-gradient equals that of the textbook net (nn.MaxPool2d,
+    the conv and BatchNorm modules), in float64."""
     from metattn.meta.maml import MAML
 
     torch.manual_seed(0)
-    ours = Conv4(1, 3, hidden=4, image_size=28).double()
-    ref = Conv4(1, 3, hidden=4, image_size=28).double()
+    ours = Conv4(1, 3, hidden=4, image_size=28, fold_first_norm=fold).double()
+    ref = Conv4(1, 3, hidden=4, image_size=28, fold_first_norm=False).double()
     ref.load_state_dict(ours.state_dict())
     for i in (2, 6, 10, 14):
         ref.body[i] = nn.MaxPool2d(2)
@@ -445,8 +526,10 @@ def test_conv4_maml_meta_gradient_with_the_cpu_pool_equals_torch_pool() -> None:
         learner = MAML(net, inner_lr=0.4, inner_steps=2, first_order=False, vectorize=False)
         loss, _ = learner.meta_loss(batch)
         grads.append(torch.autograd.grad(loss, list(net.parameters())))
+    tol = 1e-10 if fold else 1e-12  # the fold sums in another order
     for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    assert grads[0][0].abs().max() > 1e-4
 
 
 def test_cpu_max_pool_falls_back_inside_vmap() -> None:

@@ -33,12 +33,14 @@ def mlp(in_features: int = 1, hidden: list[int] = (40, 40), out_features: int = 
 @register("model", "conv4")
 def conv4(in_channels: int = 1, n_classes: int = 5, hidden: int = 64, image_size: int = 28,
           channels_last: bool = False, track_running_stats: bool = False,
-          pool_last: bool = True) -> nn.Module:
+          pool_last: bool = True, fold_first_norm: bool = True) -> nn.Module:
     """The MAML paper's Conv-4; ``track_running_stats``: evaluate metric learners with running
     BatchNorm statistics instead of each test episode's own (MAML always uses the batch's);
-    ``pool_last: false`` keeps the last block's 3x3 map (28x28 input: 576 features, not 64)."""
+    ``pool_last: false`` keeps the last block's 3x3 map (28x28 input: 576 features, not 64);
+    ``fold_first_norm: false`` runs the first block's textbook conv + BatchNorm modules
+    instead of the equal, faster folded matmul (CPU)."""
     return Conv4(in_channels, n_classes, hidden, image_size, channels_last, track_running_stats,
-                 pool_last)
+                 pool_last, fold_first_norm)
 
 
 @register("model", "vit")
