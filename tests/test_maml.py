@@ -733,3 +733,22 @@ def test_task_threads_keep_few_tasks_in_flight_and_never_more_threads_than_tasks
     loss.backward()
     assert names and all(n == threading.current_thread().name for n in names)
     assert mt.MAML(m).task_threads == 1
+
+
+def test_auto_vectorize_picks_the_threaded_loop_for_transformers_on_the_cpu():
+    """vectorize="auto" on the CPU: the loop for conv nets, and for attention models when
+    task threads run it; vmap for MLPs (threads or not) and for attention on one thread."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    tr = mt.TokenTransformer(vocab_size=20, max_len=6, n_classes=3, d_model=16, n_heads=2,
+                             n_layers=1, d_ff=32)
+    mlp = mt.MLP(1, [8], 1)
+    conv = mt.Conv4(1, 3, hidden=4, image_size=28)
+    assert mt.MAML(tr, task_threads=1)._use_vmap(cpu)
+    assert not mt.MAML(tr, task_threads=2)._use_vmap(cpu)
+    assert mt.MAML(tr, task_threads=2)._use_vmap(cuda)
+    assert mt.MAML(mlp, task_threads=2)._use_vmap(cpu)
+    assert not mt.MAML(conv)._use_vmap(cpu)
+    torch_mha = nn.Sequential(nn.Linear(4, 4))
+    torch_mha.attn = nn.MultiheadAttention(4, 2)
+    assert not mt.MAML(torch_mha, task_threads=2)._use_vmap(cpu)
+    assert mt.MAML(tr, task_threads=2, vectorize=True)._use_vmap(cpu)

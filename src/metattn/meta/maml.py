@@ -43,7 +43,7 @@ from metattn.data.tasks import TaskBatch
 from metattn.errors import ConfigError, InnerLoopError, TaskError
 from metattn.meta.base import Learner, LossFn, accuracy, default_loss
 from metattn.meta.norms import NormRewrite
-from metattn.nn.attention import double_backward, recording
+from metattn.nn.attention import MultiHeadAttention, double_backward, recording
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
                nn.LocalResponseNorm)
@@ -219,6 +219,8 @@ class MAML(Learner):
         self._has_norms = has_norms if has_norms is not None else any(
             isinstance(mod, _NORM_TYPES) for mod in model.modules())
         self._has_conv = any(isinstance(mod, nn.modules.conv._ConvNd) for mod in model.modules())
+        self._has_attention = any(isinstance(mod, (MultiHeadAttention, nn.MultiheadAttention))
+                                  for mod in model.modules())
         self.inner_lrs = nn.ParameterDict()
         if learn_inner_lr == "scalar":
             self.inner_lrs["all"] = nn.Parameter(torch.tensor(self.inner_lr))
@@ -272,12 +274,16 @@ class MAML(Learner):
     def _use_vmap(self, device: torch.device) -> bool:
         """vmap or loop. ``auto``, by measurement (torch 2.13, meta-batches of the issue's
         workloads): on CUDA vmap wins by 10x+; on 2 CPU cores vmap wins for MLPs (7x, sinusoid)
-        and Transformers (1.2x) but the loop wins for conv nets (2.5x, Conv-4), whose batched
-        convolutions have no fast CPU path under vmap."""
+        but the loop wins for conv nets (2.5x, Conv-4), whose batched convolutions have no fast
+        CPU path under vmap, and for Transformers when ``task_threads`` runs it on several
+        threads (the issue's transformer: 3.55 against vmap's 3.87 s/it, and 3.22 against 3.55
+        in another run; with one task thread on 2 intra-op threads vmap wins, 3.62 against 4.68)."""
         if recording():  # recorded attention weights cannot leave a vmap
             return False
         if self.vectorize == "auto":
-            return device.type == "cuda" or not self._has_conv
+            if device.type == "cuda":
+                return True
+            return not (self._has_conv or (self._has_attention and self._threads(device) > 1))
         return bool(self.vectorize)
 
     def msl_weights(self, steps: int, step: int | None) -> list[float]:
