@@ -735,20 +735,45 @@ def test_task_threads_keep_few_tasks_in_flight_and_never_more_threads_than_tasks
     assert mt.MAML(m).task_threads == 1
 
 
-def test_auto_vectorize_picks_the_threaded_loop_for_transformers_on_the_cpu():
+def test_auto_vectorize_picks_the_threaded_loop_for_transformers_on_the_cpu(monkeypatch):
     """vectorize="auto" on the CPU: the loop for conv nets, and for attention models when
-    task threads run it; vmap for MLPs (threads or not) and for attention on one thread."""
+    task threads run it (training task by task); vmap for MLPs (threads or not), and for
+    attention on one thread, in evaluation and on the checkpointed path."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     tr = mt.TokenTransformer(vocab_size=20, max_len=6, n_classes=3, d_model=16, n_heads=2,
                              n_layers=1, d_ff=32)
     mlp = mt.MLP(1, [8], 1)
     conv = mt.Conv4(1, 3, hidden=4, image_size=28)
-    assert mt.MAML(tr, task_threads=1)._use_vmap(cpu)
-    assert not mt.MAML(tr, task_threads=2)._use_vmap(cpu)
-    assert mt.MAML(tr, task_threads=2)._use_vmap(cuda)
-    assert mt.MAML(mlp, task_threads=2)._use_vmap(cpu)
+    assert mt.MAML(tr, task_threads=1)._use_vmap(cpu, threaded=True)
+    assert not mt.MAML(tr, task_threads=2)._use_vmap(cpu, threaded=True)
+    assert mt.MAML(tr, task_threads=2)._use_vmap(cpu, threaded=False)
+    assert mt.MAML(tr, task_threads=2)._use_vmap(cuda, threaded=True)
+    assert mt.MAML(mlp, task_threads=2)._use_vmap(cpu, threaded=True)
     assert not mt.MAML(conv)._use_vmap(cpu)
     torch_mha = nn.Sequential(nn.Linear(4, 4))
     torch_mha.attn = nn.MultiheadAttention(4, 2)
-    assert not mt.MAML(torch_mha, task_threads=2)._use_vmap(cpu)
-    assert mt.MAML(tr, task_threads=2, vectorize=True)._use_vmap(cpu)
+    assert not mt.MAML(torch_mha, task_threads=2)._use_vmap(cpu, threaded=True)
+    assert mt.MAML(tr, task_threads=2, vectorize=True)._use_vmap(cpu, threaded=True)
+    # which path each call takes
+    paths = []
+    use_vmap, threads = mt.MAML._use_vmap, mt.MAML._in_threads
+
+    def spy(self, *a, **k):
+        vmapped = use_vmap(self, *a, **k)
+        paths.append("vmap" if vmapped else "loop")
+        return vmapped
+
+    monkeypatch.setattr(mt.MAML, "_use_vmap", spy)
+    monkeypatch.setattr(mt.MAML, "_in_threads",
+                        lambda self, *a, **k: paths.append("threads") or threads(self, *a, **k))
+    batch = mt.TaskBatch(torch.randint(0, 20, (3, 6, 6)), torch.arange(3).repeat(3, 2),
+                         torch.randint(0, 20, (3, 3, 6)), torch.arange(3).repeat(3, 1), n_way=3)
+    for kw, want in (({}, ["loop", "threads"]), ({"checkpoint": True}, ["vmap"]),
+                     ({"per_task_backward": False}, ["vmap"])):
+        paths.clear()
+        learner = mt.MAML(tr, inner_lr=0.1, inner_steps=1, task_threads=2, **kw)
+        learner.meta_loss(batch)[0].backward()
+        assert paths == want, kw
+    paths.clear()
+    learner.evaluate(batch)
+    assert paths == ["vmap"]

@@ -394,7 +394,7 @@ def test_conv4_pool_before_relu_is_the_textbook_block_exactly() -> None:
 
 
 @pytest.mark.parametrize("in_channels,conv_bias,affine,channels_last,size", [
-    (1, True, True, False, 28), (3, False, True, False, 21), (1, True, False, True, 16)])
+    (1, True, True, False, 28), (1, False, True, False, 21), (1, True, False, True, 16)])
 def test_conv4_folded_first_block_equals_the_modules(
         in_channels: int, conv_bias: bool, affine: bool, channels_last: bool, size: int,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -468,6 +468,19 @@ def test_conv4_folded_first_block_only_where_it_is_the_same_function(
     handle.remove()
     net(x)
     assert calls == ["hook", 1]
+    # RGB (27 taps: measured slower folded), an empty batch, one value per channel
+    rgb = Conv4(3, 5, hidden=4, image_size=28)
+    assert rgb(torch.rand(2, 3, 28, 28)).shape == (2, 5)
+    assert net(x[:0]).shape == (0, 5)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        net(torch.rand(1, 1, 1, 1))
+    assert calls == ["hook", 1]
+    # an int padding (F.conv2d takes one) folds too, to the same numbers
+    net.body[0].padding = 1
+    ref = copy.deepcopy(net)
+    ref.fold_first_norm = False
+    torch.testing.assert_close(net(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert calls == ["hook", 1, 1]
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 28, 28), (2, 3, 7, 7), (2, 5, 6, 9)])
@@ -506,12 +519,18 @@ def test_cpu_max_pool_equals_torch_to_second_order(shape: tuple[int, ...],
 
 
 @pytest.mark.parametrize("fold", [False, True])
-def test_conv4_maml_meta_gradient_with_the_cpu_pool_equals_torch_pool(fold: bool) -> None:
+def test_conv4_maml_meta_gradient_with_the_cpu_pool_equals_torch_pool(
+        fold: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Second-order MAML (the per-task loop path, where the fast pool and the folded first
     block run) over Conv4: the meta-gradient equals that of the textbook net (nn.MaxPool2d,
     the conv and BatchNorm modules), in float64."""
     from metattn.meta.maml import MAML
+    from metattn.nn import backbones
 
+    calls = []
+    folded = backbones._conv_bn_folded
+    monkeypatch.setattr(backbones, "_conv_bn_folded",
+                        lambda *a: calls.append(1) or folded(*a))
     torch.manual_seed(0)
     ours = Conv4(1, 3, hidden=4, image_size=28, fold_first_norm=fold).double()
     ref = Conv4(1, 3, hidden=4, image_size=28, fold_first_norm=False).double()
@@ -526,6 +545,8 @@ def test_conv4_maml_meta_gradient_with_the_cpu_pool_equals_torch_pool(fold: bool
         learner = MAML(net, inner_lr=0.4, inner_steps=2, first_order=False, vectorize=False)
         loss, _ = learner.meta_loss(batch)
         grads.append(torch.autograd.grad(loss, list(net.parameters())))
+    # 2 tasks x (2 inner steps + the query pass), and never for the textbook reference
+    assert len(calls) == (6 if fold else 0)
     tol = 1e-10 if fold else 1e-12  # the fold sums in another order
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)

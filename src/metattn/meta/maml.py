@@ -271,19 +271,22 @@ class MAML(Learner):
                    and getattr(mod, "running_mean", None) is not None
                    for mod in self.model.modules())
 
-    def _use_vmap(self, device: torch.device) -> bool:
+    def _use_vmap(self, device: torch.device, threaded: bool = False) -> bool:
         """vmap or loop. ``auto``, by measurement (torch 2.13, meta-batches of the issue's
         workloads): on CUDA vmap wins by 10x+; on 2 CPU cores vmap wins for MLPs (7x, sinusoid)
         but the loop wins for conv nets (2.5x, Conv-4), whose batched convolutions have no fast
         CPU path under vmap, and for Transformers when ``task_threads`` runs it on several
         threads (the issue's transformer: 3.55 against vmap's 3.87 s/it, and 3.22 against 3.55
-        in another run; with one task thread on 2 intra-op threads vmap wins, 3.62 against 4.68)."""
+        in another run; with one task thread on 2 intra-op threads vmap wins, 3.62 against 4.68).
+        ``threaded``: whether this call's loop would run on task threads (training task by
+        task, not checkpointed, 2+ tasks; evaluation and the other paths loop on one)."""
         if recording():  # recorded attention weights cannot leave a vmap
             return False
         if self.vectorize == "auto":
             if device.type == "cuda":
                 return True
-            return not (self._has_conv or (self._has_attention and self._threads(device) > 1))
+            return not (self._has_conv or (self._has_attention and threaded
+                                            and self._threads(device) > 1))
         return bool(self.vectorize)
 
     def msl_weights(self, steps: int, step: int | None) -> list[float]:
@@ -377,7 +380,16 @@ class MAML(Learner):
         meta-loss, else None (the caller builds it from the query losses)."""
         split = self._split_params()
         fast, slow, buffers = split
-        use_vmap = self._use_vmap(batch.support_x.device)
+        ckpt = self.checkpoint and not first_order and steps > 0 and torch.is_grad_enabled()
+        # Task-by-task backward frees each task's graph, so it needs inputs without a graph of
+        # their own (a trainable encoder outside ``model`` would be shared by all tasks).
+        inputs_have_graph = any(t.requires_grad for t in (batch.support_x, batch.support_y,
+                                                         batch.query_x, batch.query_y))
+        backward_each = (weights is not None and self.per_task_backward
+                         and torch.is_grad_enabled() and not inputs_have_graph)
+        # the loop runs on task threads only task by task, not checkpointed, 2+ tasks
+        use_vmap = self._use_vmap(batch.support_x.device,
+                                  threaded=backward_each and not ckpt and batch.num_tasks > 1)
         f = self._task_fn(fast, slow, buffers, loss_fn, steps, first_order, record)
         args = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         # The math attention path is needed for a second derivative, and under vmap
@@ -392,13 +404,6 @@ class MAML(Learner):
                 stack.enter_context(NormRewrite(split_affine=use_vmap))
             return stack
 
-        ckpt = self.checkpoint and not first_order and steps > 0 and torch.is_grad_enabled()
-        # Task-by-task backward frees each task's graph, so it needs inputs without a graph of
-        # their own (a trainable encoder outside ``model`` would be shared by all tasks).
-        inputs_have_graph = any(t.requires_grad for t in (batch.support_x, batch.support_y,
-                                                         batch.query_x, batch.query_y))
-        backward_each = (weights is not None and self.per_task_backward
-                         and torch.is_grad_enabled() and not inputs_have_graph)
         taskwise = backward_each and not use_vmap
         cs = self.chunk_size
         chunkwise = backward_each and use_vmap and cs is not None and cs < batch.num_tasks

@@ -6,9 +6,12 @@ Every backbone names its final classifier/regressor ``head`` so that ANIL can ad
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from metattn.errors import ConfigError
 from metattn.nn.attention import TransformerEncoder, unhooked
@@ -86,24 +89,31 @@ def _foldable(conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> bool:
     """Whether :func:`_conv_bn_folded` computes ``bn(conv(x))``: an unhooked stride-1 ``Conv2d``
     with few input taps (so its patches are small) and a ``BatchNorm2d`` that always normalises
     with the batch's statistics and updates none (``track_running_stats=False``), on a CPU
-    tensor in float32/float64, outside autocast and torch.func transforms (which take the
-    modules' own path)."""
-    return (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d
+    tensor in float32/float64 with more than one value per channel (BatchNorm refuses one;
+    an empty batch keeps the modules' behaviour), outside autocast and torch.func transforms
+    (which take the modules' own path)."""
+    if not (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d
             and x.dim() == 4 and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.float64)
             and bn.running_mean is None and bn.num_features == conv.out_channels
-            and conv.groups == 1 and conv.stride == (1, 1) and conv.dilation == (1, 1)
+            and conv.groups == 1 and _pair(conv.stride) == (1, 1)
+            and _pair(conv.dilation) == (1, 1)
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-            and conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] <= _FOLD_MAX_TAPS
+            and conv.in_channels * math.prod(_pair(conv.kernel_size)) <= _FOLD_MAX_TAPS
             and not torch.is_autocast_enabled("cpu")
             and not torch._C._are_functorch_transforms_active()
             and not torch.compiler.is_compiling()
-            and unhooked(conv, bn))
+            and unhooked(conv, bn)):
+        return False
+    (kh, kw), (ph, pw) = _pair(conv.kernel_size), _pair(conv.padding)
+    return x.shape[0] * (x.shape[2] + 2 * ph - kh + 1) * (x.shape[3] + 2 * pw - kw + 1) > 1
 
 
-# the patch covariance is taps x taps and the patches are taps floats per pixel: worth it for
-# the first layer of an image net (1-3 channels, 3x3), not for 64-channel layers
-_FOLD_MAX_TAPS = 32
+# The patch covariance is taps x taps (in float64) and the patches are taps floats per pixel:
+# worth it for a one-channel 3x3 layer (9 taps: Omniglot's Conv-4, 100 -> 75 ms per MAML
+# task), not for RGB (27 taps; a 3-channel 84x84 Conv4 took 56 ms folded against 40 ms, one
+# thread, forward) nor for 64-channel layers.
+_FOLD_MAX_TAPS = 9
 
 
 def _conv_bn_folded(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
@@ -117,12 +127,12 @@ def _conv_bn_folded(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tor
     weights. Same function, so the same gradients and gradients of gradients (to rounding; a
     test checks MAML's meta-gradient in float64). Measured on one core for the Conv-4 MAML
     task (75 queries at 28 x 28): the first block's conv, BatchNorm and NCHW/NHWC copies took
-    about 40 of 100 ms; the whole task now takes about 77 ms."""
-    n, _, h, w = x.shape
-    (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
+    about 40 of 100 ms; the whole task now takes about 75 ms."""
+    n, c, h, w = x.shape
+    (kh, kw), (ph, pw) = _pair(conv.kernel_size), _pair(conv.padding)
     ho, wo = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
     patches = F.pad(x, (pw, pw, ph, ph)).unfold(2, kh, 1).unfold(3, kw, 1)  # [N,C,Ho,Wo,kh,kw]
-    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, -1)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
     # The statistics in float64: they are sums over every pixel (N x 784 for Omniglot), which
     # a float32 matmul accumulates less accurately than BatchNorm's kernel (measured on binary
     # images: 1.5e-5 relative error in the conv weight's gradient, against 4e-6); on taps x
@@ -174,10 +184,11 @@ class Conv4(nn.Module):
 
     ``fold_first_norm=True`` (the default) computes the first block's conv and BatchNorm as
     one matmul over 3x3 patches with the normalisation folded into the weights
-    (:func:`_conv_bn_folded`): the same function, on CPU float32/float64 batches when the
-    BatchNorm keeps no running statistics (the default), outside autocast and vmap. The
+    (:func:`_conv_bn_folded`): the same function, for one input channel, on CPU
+    float32/float64 batches when the BatchNorm keeps no running statistics (the default),
+    outside autocast and vmap. The
     activations then stay channels_last. Measured one Conv-4 MAML task (5 + 75 images, one
-    core): 100 -> 77 ms. ``False`` runs the textbook modules (what the speed benchmark's
+    core): 100 -> 75 ms. ``False`` runs the textbook modules (what the speed benchmark's
     reference loops run).
     """
 
