@@ -175,7 +175,9 @@ def test_ranks_follow_rank_zeros_callback(tmp_path):
 def _launch(args: list[str], env_extra: dict[str, str] | None = None, timeout: int = 180
             ) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node=2 ARGS`` on CPU (one thread per process)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env_extra or {})}
+    # (faulthandler: a rank that dies on a signal prints its Python stack into the report)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONFAULTHANDLER": "1", **(env_extra or {})}
     src = str(Path(metattn.__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -260,14 +262,15 @@ def test_protonet_on_two_processes_equals_one(tmp_path):
     data["task"] = {"kind": "omniglot", "n_way": 5, "k_shot": 1, "k_query": 2}
     data["model"] = {"kind": "conv4", "hidden": 8}
     data["learner"] = {"kind": "protonet", "scale": 0.05}
-    # one thread in every process (torchrun's ranks get one too): float32 reductions then
-    # add in the same order (MKL splits a long matmul reduction by the thread count)
-    data["train"].update({"meta_batch": 2, "dtype": "float32", "threads": 1})
+    data["train"].update({"meta_batch": 2, "dtype": "float32"})
     data["eval"] = {"episodes": 4, "chunk": 4}
     cfg_path = tmp_path / "pn.yaml"
     cfg_path.write_text(yaml.safe_dump(data))
     _torchrun(cfg_path, tmp_path / "two")
+    # one thread here as in torchrun's ranks (OMP_NUM_THREADS=1): float32 reductions then add
+    # in the same order (MKL splits a long matmul reduction by the thread count)
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         train(from_dict(data), tmp_path / "one")
     finally:

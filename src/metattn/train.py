@@ -469,7 +469,12 @@ def train(
     created = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     rank, world, local_rank = setup_distributed(cfg.train.device)
     try:
-        return _train(cfg, out_dir, resume, callbacks, rank, world, local_rank)
+        summary = _train(cfg, out_dir, resume, callbacks, rank, world, local_rank)
+        if created and world > 1:
+            # leave together: rank 0 may still be writing files and plots (after the last
+            # collective) while the others would already tear their process group down
+            dist.barrier()
+        return summary
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
