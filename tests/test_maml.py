@@ -744,16 +744,15 @@ def test_auto_vectorize_picks_the_threaded_loop_for_transformers_on_the_cpu(monk
                              n_layers=1, d_ff=32)
     mlp = mt.MLP(1, [8], 1)
     conv = mt.Conv4(1, 3, hidden=4, image_size=28)
-    assert mt.MAML(tr, task_threads=1)._use_vmap(cpu, threaded=True)
-    assert not mt.MAML(tr, task_threads=2)._use_vmap(cpu, threaded=True)
-    assert mt.MAML(tr, task_threads=2)._use_vmap(cpu, threaded=False)
-    assert mt.MAML(tr, task_threads=2)._use_vmap(cuda, threaded=True)
-    assert mt.MAML(mlp, task_threads=2)._use_vmap(cpu, threaded=True)
+    assert mt.MAML(tr)._use_vmap(cpu, loop_threads=1)
+    assert not mt.MAML(tr)._use_vmap(cpu, loop_threads=2)
+    assert mt.MAML(tr)._use_vmap(cuda, loop_threads=2)
+    assert mt.MAML(mlp)._use_vmap(cpu, loop_threads=2)
     assert not mt.MAML(conv)._use_vmap(cpu)
     torch_mha = nn.Sequential(nn.Linear(4, 4))
     torch_mha.attn = nn.MultiheadAttention(4, 2)
-    assert not mt.MAML(torch_mha, task_threads=2)._use_vmap(cpu, threaded=True)
-    assert mt.MAML(tr, task_threads=2, vectorize=True)._use_vmap(cpu, threaded=True)
+    assert not mt.MAML(torch_mha)._use_vmap(cpu, loop_threads=2)
+    assert mt.MAML(tr, vectorize=True)._use_vmap(cpu, loop_threads=2)
     # which path each call takes
     paths = []
     use_vmap, threads = mt.MAML._use_vmap, mt.MAML._in_threads
@@ -769,9 +768,9 @@ def test_auto_vectorize_picks_the_threaded_loop_for_transformers_on_the_cpu(monk
     batch = mt.TaskBatch(torch.randint(0, 20, (3, 6, 6)), torch.arange(3).repeat(3, 2),
                          torch.randint(0, 20, (3, 3, 6)), torch.arange(3).repeat(3, 1), n_way=3)
     for kw, want in (({}, ["loop", "threads"]), ({"checkpoint": True}, ["vmap"]),
-                     ({"per_task_backward": False}, ["vmap"])):
+                     ({"per_task_backward": False}, ["vmap"]), ({"task_threads": 1}, ["vmap"])):
         paths.clear()
-        learner = mt.MAML(tr, inner_lr=0.1, inner_steps=1, task_threads=2, **kw)
+        learner = mt.MAML(tr, inner_lr=0.1, inner_steps=1, **{"task_threads": 2, **kw})
         learner.meta_loss(batch)[0].backward()
         assert paths == want, kw
     paths.clear()

@@ -271,22 +271,21 @@ class MAML(Learner):
                    and getattr(mod, "running_mean", None) is not None
                    for mod in self.model.modules())
 
-    def _use_vmap(self, device: torch.device, threaded: bool = False) -> bool:
+    def _use_vmap(self, device: torch.device, loop_threads: int = 1) -> bool:
         """vmap or loop. ``auto``, by measurement (torch 2.13, meta-batches of the issue's
         workloads): on CUDA vmap wins by 10x+; on 2 CPU cores vmap wins for MLPs (7x, sinusoid)
         but the loop wins for conv nets (2.5x, Conv-4), whose batched convolutions have no fast
         CPU path under vmap, and for Transformers when ``task_threads`` runs it on several
         threads (the issue's transformer: 3.55 against vmap's 3.87 s/it, and 3.22 against 3.55
         in another run; with one task thread on 2 intra-op threads vmap wins, 3.62 against 4.68).
-        ``threaded``: whether this call's loop would run on task threads (training task by
-        task, not checkpointed, 2+ tasks; evaluation and the other paths loop on one)."""
+        ``loop_threads``: the task threads this call's loop would run on (more than one only
+        when training task by task, not checkpointed, with 2+ tasks)."""
         if recording():  # recorded attention weights cannot leave a vmap
             return False
         if self.vectorize == "auto":
             if device.type == "cuda":
                 return True
-            return not (self._has_conv or (self._has_attention and threaded
-                                            and self._threads(device) > 1))
+            return not (self._has_conv or (self._has_attention and loop_threads > 1))
         return bool(self.vectorize)
 
     def msl_weights(self, steps: int, step: int | None) -> list[float]:
@@ -387,9 +386,11 @@ class MAML(Learner):
                                                          batch.query_x, batch.query_y))
         backward_each = (weights is not None and self.per_task_backward
                          and torch.is_grad_enabled() and not inputs_have_graph)
-        # the loop runs on task threads only task by task, not checkpointed, 2+ tasks
-        use_vmap = self._use_vmap(batch.support_x.device,
-                                  threaded=backward_each and not ckpt and batch.num_tasks > 1)
+        # the loop runs on task threads only task by task and not checkpointed (never more
+        # threads than tasks: idle workers would only take the caller's threads)
+        loop_threads = (min(self._threads(batch.support_x.device), batch.num_tasks)
+                        if backward_each and not ckpt else 1)
+        use_vmap = self._use_vmap(batch.support_x.device, loop_threads)
         f = self._task_fn(fast, slow, buffers, loss_fn, steps, first_order, record)
         args = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         # The math attention path is needed for a second derivative, and under vmap
@@ -416,9 +417,7 @@ class MAML(Learner):
                                               split)
             return self._run_batched(part, loss_fn, steps, first_order, record, split)
 
-        # (never more threads than tasks: idle workers would only take the caller's threads)
-        threads = (min(self._threads(batch.support_x.device), batch.num_tasks)
-                   if taskwise and not ckpt else 1)
+        threads = loop_threads if taskwise else 1
 
         def one_task(t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             if ckpt:

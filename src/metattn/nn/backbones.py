@@ -186,10 +186,9 @@ class Conv4(nn.Module):
     one matmul over 3x3 patches with the normalisation folded into the weights
     (:func:`_conv_bn_folded`): the same function, for one input channel, on CPU
     float32/float64 batches when the BatchNorm keeps no running statistics (the default),
-    outside autocast and vmap. The
-    activations then stay channels_last. Measured one Conv-4 MAML task (5 + 75 images, one
-    core): 100 -> 75 ms. ``False`` runs the textbook modules (what the speed benchmark's
-    reference loops run).
+    outside autocast and vmap. The activations then stay channels_last. Measured one Conv-4
+    MAML task (5 + 75 images, one core): 100 -> 75 ms. ``False`` runs the textbook modules
+    (what the speed benchmark's reference loops run).
     """
 
     def __init__(self, in_channels: int = 1, n_classes: int = 5, hidden: int = 64,
