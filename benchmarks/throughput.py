@@ -23,6 +23,13 @@ The plain loop is always timed in the same run, so ``vs plain`` compares like wi
 ``norm.`` column rescales our seconds to that machine through the plain loop
 (``ours / plain_ours * plain_anchor``).
 
+The compute floor is the time the workload's matmuls and convolutions alone would take at
+this machine's matmul peak: their FLOPs (counted on the plain loop with
+``torch.utils.flop_counter``; second-order MAML costs 9 forward passes' worth per inner step)
+over the rate of a large square matmul timed here. The ``of peak`` column is that floor over
+each method's s/it, and where anchors exist the table says which share of the peak the goal
+(1.5x the best anchor) asks for. ``--no-floor`` (or ``--no-plain``) skips it.
+
 On CUDA, ``--cuda-graph`` runs metattn's methods through :class:`metattn.perf.CUDAGraphStep`
 (the whole meta-step captured once and replayed; its parameter updates are checked against
 eager steps), ``--check-finite off`` drops MAML's per-step NaN check (a host sync),
@@ -431,6 +438,44 @@ def grad_check(name: str, wl: Workload, base: torch.nn.Module, batch: mt.TaskBat
     return g, num / den
 
 
+def workload_flops(wl: Workload, base: torch.nn.Module, batch: mt.TaskBatch, args) -> float:
+    """Matmul and convolution FLOPs of one meta-iteration (``torch.utils.flop_counter``
+    counts mm/bmm/addmm and convolutions, forward and backward, the double backward included),
+    counted on the plain loop: the workload's own maths, on one thread, so no op escapes the
+    counter on a worker thread. Elementwise work (norms, softmax, the optimiser) is free here:
+    the floor below is a lower bound."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = copy.deepcopy(base)
+    prepare(model, "plain", args)
+    step, _, _ = make_method("plain", model, wl, None, False)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(batch)
+    return float(counter.get_total_flops())
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, reps: int = 3) -> tuple[float, int]:
+    """(FLOP/s, n) of a large square matmul in ``dtype`` on the current threads (on CUDA
+    under the current TF32 setting): the rate no meta-iteration's matmuls can beat."""
+    n = 4096 if device.type == "cuda" else 1024
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=g).to(dtype)
+    b = torch.randn(n, n, device=device, generator=g).to(dtype)
+    k = 20 if device.type == "cuda" else 8
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(k):
+            a @ b
+        sync(device)
+        best = min(best, (time.perf_counter() - t0) / k)
+    return 2 * n ** 3 / best, n
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -479,6 +524,15 @@ def run_workload(wl_name: str, args, device: torch.device, dtype: torch.dtype) -
                 row["amp_grad_norm_diff"] = float((flat - flat_ref).norm() / flat_ref.norm())
                 row["fp32_grad_diff"] = grad_check(row["method"], wl, base, batches[0], args,
                                                    ref, torch.float32)[1]
+    floor = None
+    if not (args.no_floor or args.no_plain):  # quick runs without the reference skip it too
+        flops = workload_flops(wl, base, batches[0], args)
+        peak, n = matmul_peak(device, amp_dtype(args) or dtype)
+        floor = {"gflop": flops / 1e9, "peak_gflops": peak / 1e9, "n": n,
+                 "dtype": str(amp_dtype(args) or dtype).replace("torch.", ""),
+                 "s_per_it": flops / peak}
+        for r in rows:
+            r["of_peak"] = floor["s_per_it"] / r["s_per_it"]
     plain = next((r["s_per_it"] for r in rows if r["method"] == "plain"), None)
     anchors = ANCHORS.get((wl_name, device.type), {})
     plain_cpu = next((r["cpu_s_per_it"] for r in rows if r["method"] == "plain"), None)
@@ -488,7 +542,8 @@ def run_workload(wl_name: str, args, device: torch.device, dtype: torch.dtype) -
         if anchors and plain is not None:
             r["normalised_s_per_it"] = r["s_per_it"] / plain * anchors["plain loop"]
     return {"workload": wl_name, "meta_batch": wl.meta_batch, "inner_steps": wl.inner_steps,
-            "rows": rows, "anchors": anchors, "skipped": skipped}
+            "rows": rows, "anchors": anchors, "skipped": skipped, "floor": floor,
+            "plain_s_per_it": plain}
 
 
 def print_table(res: dict, header: dict) -> None:
@@ -501,24 +556,37 @@ def print_table(res: dict, header: dict) -> None:
           + (f"channels_last {header['channels_last']}, fold_first_norm "
              f"{header.get('fold_first_norm', False)}, " if res["workload"] == "conv4" else "")
           + f"task_threads {header.get('task_threads', 1)}, cuda_graph {header['cuda_graph']}")
+    floor = res.get("floor")
+    if floor:
+        print(f"compute floor: {floor['gflop']:.1f} GFLOP of matmuls and convolutions per "
+              f"meta-iteration (counted on the plain loop) at {floor['peak_gflops']:.1f} GFLOP/s "
+              f"(a {floor['n']}^3 {floor['dtype']} matmul here) = {floor['s_per_it']:.3f} s/it; "
+              "column 'of peak' = that floor / s/it")
     print(f"| method | s/it (median of {header['iters']}) | it/s | tasks/s | peak MB | "
-          "vs plain | norm. s/it | grad diff (fp64) | CPU s/it | CPU vs plain |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "vs plain | norm. s/it | grad diff (fp64) | CPU s/it | CPU vs plain | of peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in res["rows"]:
         gd = r.get("grad_diff")
         gd = "ref" if r["method"] == "plain" else ("-" if gd is None else f"{gd:.1e}")
         norm = r.get("normalised_s_per_it")
         vs = "-" if r["vs_plain"] is None else f"{r['vs_plain']:.2f}x"
         cpu_vs = "-" if r.get("cpu_vs_plain") is None else f"{r['cpu_vs_plain']:.2f}x"
+        of_peak = "-" if r.get("of_peak") is None else f"{100 * r['of_peak']:.0f}%"
         print(f"| {r['method']} | {r['s_per_it']:.4f} | {r['it_per_s']:.3f} | "
               f"{r['tasks_per_s']:.1f} | {r['peak_mb']:.0f} | {vs} | "
               f"{'-' if norm is None else f'{norm:.3f}'} | {gd} | {r['cpu_s_per_it']:.3f} | "
-              f"{cpu_vs} |")
+              f"{cpu_vs} | {of_peak} |")
     if anchors:
         dev = header["device_type"]
         print(f"anchors ({ANCHOR_MACHINE[dev]}, REFERENCES.md, s/it): " +
               ", ".join(f"{k} {v}" for k, v in anchors.items()) +
               f"; best {best}; 1.5x the best = {best / 1.5:.3f} norm. s/it")
+        if floor and res.get("plain_s_per_it"):
+            # the goal in this machine's seconds, and the share of the matmul peak it takes
+            goal = best / 1.5 * res["plain_s_per_it"] / anchors["plain loop"]
+            print(f"1.5x the best anchor is {goal:.3f} s/it on this machine: it needs "
+                  f"{100 * floor['s_per_it'] / goal:.0f}% of the matmul peak sustained over "
+                  "the whole meta-iteration")
     for r in res["rows"]:
         if r.get("amp_grad_diff") is not None:
             print(f"{r['method']}: meta-gradient under autocast {header['autocast']} (timed "
@@ -571,6 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--malloc", default="tuned", choices=["tuned", "default"],
                    help="CPU: metattn.perf.tune_cpu_allocator() for every method alike "
                         "(no page-fault storm on each iteration's large tensors)")
+    p.add_argument("--no-floor", action="store_true",
+                   help="skip the compute floor (FLOPs counted on the plain loop / the "
+                        "measured matmul peak)")
     p.add_argument("--json", default=None, metavar="OUT")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
