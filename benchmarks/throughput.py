@@ -37,6 +37,8 @@ eager steps), ``--check-finite off`` drops MAML's per-step NaN check (a host syn
 kernels need AVX512-BF16 or AMX; the table's footnote then gives that meta-gradient's error
 against the float64 plain loop, beside float32's) and ``--profile`` prints torch.profiler
 tables: kernels per meta-step and how much of the wall time the device is busy.
+``--compile-inner`` runs metattn's loop with ``MAML(compile_inner=True)`` (each inner step
+through ``torch.compile``, compiled in the first warm-up iteration, whose time is printed).
 ``--task-threads N|auto`` (default auto) is ``MAML(task_threads=...)``: on the CPU metattn's
 per-task loop runs N tasks at a time, each on one intra-op thread (1 = one task at a time on
 all threads). ``--channels-last`` builds the Conv4 of metattn's ``loop`` method in NHWC order. The
@@ -170,13 +172,16 @@ def amp_dtype(args) -> torch.dtype | None:
 
 def make_method(name: str, model: torch.nn.Module, wl: Workload, chunk_size: int | None,
                 checkpoint: bool, check_finite: bool = True,
-                autocast: torch.dtype | None = None, task_threads: int | str = "auto"):
+                autocast: torch.dtype | None = None, task_threads: int | str = "auto",
+                compile_inner: bool = False):
     """(step function that accumulates meta-gradients into .grad, params for the optimiser,
     the metattn learner or None)."""
     ctx = mt.double_backward if wl.double_backward else nullcontext
     if name in ("vmap", "loop", "auto"):
         vec = {"vmap": True, "loop": False, "auto": "auto"}[name]
         kw = {"checkpoint": True} if checkpoint else {}
+        if compile_inner and name != "vmap":  # the compiled step is the loop's
+            kw["compile_inner"] = True
         learner = mt.MAML(model, inner_lr=wl.inner_lr, inner_steps=wl.inner_steps,
                           first_order=False, vectorize=vec, chunk_size=chunk_size,
                           check_finite=check_finite, task_threads=task_threads, **kw)
@@ -280,7 +285,7 @@ class Runner:
         self.step, params, learner = make_method(
             name, self.model, wl, args.chunk_size, args.checkpoint,
             check_finite=args.check_finite == "on", autocast=amp_dtype(args) if ours else None,
-            task_threads=args.task_threads)
+            task_threads=args.task_threads, compile_inner=args.compile_inner)
         self.opt = torch.optim.Adam(params, lr=1e-3, foreach=True, capturable=self.graphed)
         # metattn.perf.CUDAGraphStep: 2 eager warm-up steps, the capture at the 3rd
         self.graph_step = CUDAGraphStep(learner, self.opt, warmup=2,
@@ -312,8 +317,11 @@ def time_methods(names: list[str], wl: Workload, base: torch.nn.Module,
     for name in names:
         r = Runner(name, wl, base, args, device)
         with PeakMemory(device) as mem:  # a CUDA graph is captured within the warm-up
+            t0 = time.perf_counter()
             for i in range(max(args.warmup, 3 if r.graphed else 1)):
                 r.iteration(batches[i % len(batches)], record=False)
+                if i == 0:  # where --compile-inner compiles
+                    r.first_s = time.perf_counter() - t0
         r.peak_mb = mem.mb
         runners.append(r)
         print(f"  {wl.name:11s} {name:7s} warm", file=sys.stderr, flush=True)
@@ -334,6 +342,7 @@ def time_methods(names: list[str], wl: Workload, base: torch.nn.Module,
         rows.append({"method": r.name, "s_per_it": med, "it_per_s": 1 / med,
                      "tasks_per_s": wl.meta_batch / med, "peak_mb": r.peak_mb,
                      "times": r.times, "cpu_s_per_it": statistics.median(r.cpu_times),
+                     "first_iteration_s": r.first_s,
                      "graph_vs_eager": graph_check(r.name, wl, base, batches, args)
                      if r.graphed else None})
     return rows
@@ -427,7 +436,8 @@ def grad_check(name: str, wl: Workload, base: torch.nn.Module, batch: mt.TaskBat
                      n_way=batch.n_way)
     b = b.to(b.support_x.device, dtype)
     step, _, _ = make_method(name, model, wl, args.chunk_size, args.checkpoint,
-                             autocast=autocast, task_threads=args.task_threads)
+                             autocast=autocast, task_threads=args.task_threads,
+                             compile_inner=args.compile_inner)
     model.zero_grad(set_to_none=True)
     step(b)
     g = [p.grad.detach().double().clone() for p in model.parameters()]
@@ -555,7 +565,8 @@ def print_table(res: dict, header: dict) -> None:
           f"{header['check_finite']}, autocast {header['autocast']}, "
           + (f"channels_last {header['channels_last']}, fold_first_norm "
              f"{header.get('fold_first_norm', False)}, " if res["workload"] == "conv4" else "")
-          + f"task_threads {header.get('task_threads', 1)}, cuda_graph {header['cuda_graph']}")
+          + f"task_threads {header.get('task_threads', 1)}, compile_inner "
+          f"{header.get('compile_inner', False)}, cuda_graph {header['cuda_graph']}")
     floor = res.get("floor")
     if floor:
         print(f"compute floor: {floor['gflop']:.1f} GFLOP of matmuls and convolutions per "
@@ -593,6 +604,9 @@ def print_table(res: dict, header: dict) -> None:
                   f"above) vs the float64 plain loop: max rel diff {r['amp_grad_diff']:.1e}, "
                   f"|g - g64| / |g64| {r['amp_grad_norm_diff']:.1e} (float32 without "
                   f"autocast: max rel diff {r['fp32_grad_diff']:.1e})")
+        if header.get("compile_inner") and r["method"] in ("loop", "auto"):
+            print(f"{r['method']}: first warm-up iteration (compiles the inner step) "
+                  f"{r['first_iteration_s']:.1f} s")
         if r.get("graph_vs_eager") is not None:
             print(f"{r['method']}: CUDA graph (metattn.perf.CUDAGraphStep) vs eager, parameter "
                   f"updates after 4 meta-steps: max rel diff {r['graph_vs_eager']:.1e} (the "
@@ -630,6 +644,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cuda-graph", action="store_true",
                    help="metattn on CUDA: capture the whole meta-step (inner loop, double "
                         "backward, Adam capturable) in one CUDA graph and replay it")
+    p.add_argument("--compile-inner", action="store_true",
+                   help="metattn: MAML(compile_inner=True), each inner step of the per-task "
+                        "loop through torch.compile (compiled in the first warm-up iteration)")
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler tables of metattn's methods after the timing")
     p.add_argument("--no-plain", action="store_true",
@@ -665,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "dtype": args.dtype, "tf32": args.tf32,
               "check_finite": args.check_finite, "autocast": args.autocast,
               "channels_last": args.channels_last, "fold_first_norm": not args.no_fold,
-              "task_threads": args.task_threads,
+              "task_threads": args.task_threads, "compile_inner": args.compile_inner,
               "cuda_graph": bool(args.cuda_graph and device.type == "cuda"),
               "iters": args.iters, "warmup": args.warmup, "threads": torch.get_num_threads(),
               "python": platform.python_version(),

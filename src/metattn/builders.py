@@ -5,7 +5,7 @@ Each function's signature is the schema of its config section (see :mod:`metattn
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
@@ -70,13 +70,15 @@ def maml(model: nn.Module, inner_lr: float = 0.4, inner_steps: int = 1,
          msl_steps: int = 0, second_order_start: int = 0, eval_inner_steps: int | None = None,
          vectorize: bool | Literal["auto"] = "auto", chunk_size: int | None = None,
          checkpoint: bool = False, per_task_backward: bool = True,
-         task_threads: int | Literal["auto"] = 1) -> MAML:
+         task_threads: int | Literal["auto"] = 1,
+         compile_inner: bool | dict[str, Any] = False) -> MAML:
     """The whole MAML family (FOMAML, ANIL, Meta-SGD, MAML++ are options)."""
     return MAML(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order,
                 adapt=adapt, learn_inner_lr=learn_inner_lr, msl_steps=msl_steps,
                 second_order_start=second_order_start, eval_inner_steps=eval_inner_steps,
                 vectorize=vectorize, chunk_size=chunk_size, checkpoint=checkpoint,
-                per_task_backward=per_task_backward, task_threads=task_threads)
+                per_task_backward=per_task_backward, task_threads=task_threads,
+                compile_inner=compile_inner)
 
 
 # Families registered in their own modules (imported here so every config can name them).

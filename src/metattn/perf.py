@@ -104,8 +104,9 @@ class CUDAGraphStep:
     ``grad_clip`` clips the gradients' total norm before the optimiser's step. Refused,
     with the reason: ``warmup < 1`` (the optimiser's state must exist before the capture, or
     every replay would reset it), MAML++ schedules that change with the outer step
-    (``msl_steps``, ``second_order_start``: no step reaches a replay) and ``checkpoint=True``
-    (its recomputation saves the CUDA RNG state, which a capture forbids).
+    (``msl_steps``, ``second_order_start``: no step reaches a replay), ``checkpoint=True``
+    (its recomputation saves the CUDA RNG state, which a capture forbids) and
+    ``compile_inner`` (compiled steps are not captured).
     """
 
     def __init__(self, learner: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -128,6 +129,10 @@ class CUDAGraphStep:
                 "CUDAGraphStep: the learner has checkpoint=True, whose recomputed inner steps "
                 "save the CUDA RNG state, which a graph capture forbids; set checkpoint=False "
                 "or train with eager steps")
+        if getattr(learner, "compile_inner", False) is not False:
+            raise ConfigError(
+                "CUDAGraphStep: the learner has compile_inner set, and compiled steps are not "
+                "captured here; set compile_inner=False or train with eager steps")
         self.learner, self.optimizer = learner, optimizer
         self.warmup, self.loss_fn, self.autocast = int(warmup), loss_fn, autocast
         self.grad_clip = grad_clip
