@@ -155,8 +155,10 @@ class MAML(Learner):
             loop path only (``vectorize=False`` or ``"auto"``, which then picks the loop),
             not with ``checkpoint`` or BatchNorm running statistics. The first call compiles
             (about a minute for the throughput benchmark's Transformer on 2 CPU cores); new
-            episode shapes compile again. Measured on that Transformer: 380 -> 305 ms per
-            task on one CPU thread (README.md). Needs a C++ compiler on the CPU.
+            episode shapes and model structures compile again (learners of one structure
+            share a graph; past torch's recompile limit, 8 per process, steps run eagerly).
+            Measured on that Transformer: 380 -> 305 ms per task on one CPU thread
+            (README.md). Needs a C++ compiler on the CPU.
         loss_fn: default loss; None = cross-entropy for classification batches, else MSE.
         check_finite: raise :class:`InnerLoopError` when an inner loss is NaN/inf.
 
