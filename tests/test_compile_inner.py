@@ -86,3 +86,67 @@ def test_a_failing_compiler_is_a_config_error_that_names_the_way_out(fp64):
         learner.meta_loss(batch)
     assert "no C++ compiler found" in str(info.value)
     assert all(p.grad is None for p in m.parameters())
+
+
+class _WithUnused(nn.Module):
+    """An MLP with a layer the forward never uses (its rates must get no gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mt.MLP(4, [8], 3)
+        self.unused = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@needs_compiler
+@pytest.mark.slow
+def test_compiled_steps_follow_the_eager_loop_in_its_corners(fp64):
+    """Per-step learned rates (MAML++ LSLR), a first- to second-order switch, an unused
+    layer (no update, no rate gradient: None as in the eager loop, not 0) and one compiled
+    graph for all inner steps."""
+    torch.manual_seed(0)
+    _, batch = make("mlp", T=2)
+    m = _WithUnused().double()
+    kw = dict(inner_lr=0.3, inner_steps=3, vectorize=False, learn_inner_lr="per_layer_step",
+              second_order_start=1)
+    ref, comp = mt.MAML(m, **kw), mt.MAML(m, **kw, compile_inner=True)
+    for outer_step in (0, 1):  # first order, then second order
+        before = _graphs()
+        for learner in (ref, comp):
+            learner.zero_grad(set_to_none=True)
+            loss, _ = learner.meta_loss(batch, step=outer_step)
+            loss.backward()
+        assert _graphs() - before == 1  # steps 0-2 share one graph (parameters or not)
+        for (name, a), b in zip(ref.named_parameters(), comp.parameters(), strict=True):
+            if a.grad is None:
+                assert b.grad is None, name
+            else:
+                torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-12)
+        assert ref.inner_lrs["unused__weight"].grad is None
+
+
+@needs_compiler
+@pytest.mark.slow
+def test_past_the_recompile_limit_threads_step_eagerly_and_correctly(fp64, monkeypatch):
+    """When torch.compile gives up (its recompile limit), the step runs eagerly on each
+    thread's own model replica: same meta-gradient, one warning."""
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    torch._dynamo.reset()
+    m, _ = make("mlp", T=4)
+    ref = mt.MAML(m, inner_lr=0.3, inner_steps=2, vectorize=False)
+    comp = mt.MAML(m, inner_lr=0.3, inner_steps=2, vectorize=False, compile_inner=True,
+                   task_threads=2)
+    for shots in (6, 4):  # the second shape is past the limit
+        batch = make("mlp", T=4, S=shots, seed=shots)[1]
+        g_a = meta_grad(ref, batch)[1]
+        if shots == 4:
+            with pytest.warns(UserWarning, match="gave up"):
+                g_b = meta_grad(comp, batch)[1]
+        else:
+            g_b = meta_grad(comp, batch)[1]
+        torch.testing.assert_close(g_b, g_a, rtol=1e-10, atol=1e-12)
+    torch._dynamo.reset()

@@ -29,6 +29,7 @@ import contextvars
 import copy
 import difflib
 import threading
+import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -314,8 +315,8 @@ class MAML(Learner):
         when training task by task, not checkpointed, with 2+ tasks)."""
         if recording():  # recorded attention weights cannot leave a vmap
             return False
-        if self.compile_inner is not False:  # the compiled step is the loop's
-            return False
+        if self.compile_inner is not False and torch.is_grad_enabled():
+            return False  # the compiled step is the loop's (evaluation adapts eagerly)
         if self.vectorize == "auto":
             if device.type == "cuda":
                 return True
@@ -386,9 +387,11 @@ class MAML(Learner):
             if 0 in record:
                 measure()
             for i in range(steps):
-                if compiled is not None:
-                    p, loss = compiled(p, slow, buffers, {k: self._lr(k, i) for k in p}, sx, sy)
-                else:
+                out = None if compiled is None else compiled(
+                    p, slow, buffers, {k: self._lr(k, i) for k in p}, sx, sy)
+                if out is not None:
+                    p, loss = out
+                else:  # eager (also where torch.compile gave up on the step: see _CompiledStep)
                     with torch.enable_grad():
                         loss = support_loss(p, sx, sy)
                         names = list(p)
@@ -413,10 +416,20 @@ class MAML(Learner):
         cache = _COMPILED.setdefault(self, {})
         key = (loss_fn, first_order)
         if key not in cache:
+            if len(cache) >= 8:
+                raise ConfigError(
+                    f"MAML(compile_inner=...): meta_loss has seen {len(cache) + 1} different "
+                    "loss functions, each compiled anew; pass the same function object each "
+                    "time (not a lambda made per call) or set compile_inner=False")
             model = self.model
 
             def step(p: Params, slow: Params, buffers: Params, rates: dict[str, Any],
                      sx: torch.Tensor, sy: torch.Tensor) -> tuple[Params, torch.Tensor]:
+                if not torch.compiler.is_compiling():
+                    # torch.compile gave up on this call (its recompile limit): the caller
+                    # steps eagerly instead, on its own thread's replica of the model
+                    raise _NotCompiled
+
                 def support_loss(p_: Params) -> torch.Tensor:
                     return loss_fn(functional_call(model, (p_, slow, buffers), (sx,)), sy)
 
@@ -425,10 +438,11 @@ class MAML(Learner):
                     g = {k: v.detach() for k, v in g.items()}
                 return {k: p[k] - rates[k] * g[k] for k in p}, loss
 
-            options = {"dynamic": False}
+            # fullgraph: a graph break would run part of the step eagerly on the shared module
+            options = {"dynamic": False, "fullgraph": True}
             if isinstance(self.compile_inner, dict):
                 options.update(self.compile_inner)
-            cache[key] = _CompiledStep(torch.compile(step, **options), model)
+            cache[key] = _CompiledStep(torch.compile(step, **options), model, loss_fn)
         return cache[key]
 
     def _run(
@@ -944,50 +958,99 @@ _WORKER = threading.local()  # the model replica of a task_threads worker
 _COMPILE_LOCK = threading.Lock()
 
 
-class _CompiledStep:
-    """A ``torch.compile``'d inner step that task threads may share. Dynamo compiles on a
-    call with inputs it has not seen, and AOTAutograd compiles the step's backward at its
-    first backward; compiling is not thread-safe (a call into compiled code while another
-    thread traces is refused). So inputs of a new kind first go through a throw-away call
-    and backward (zero cotangents) that compile both, one thread at a time; the calls that
-    count run concurrently (compiled code does not touch the module)."""
+class _NotCompiled(Exception):
+    """Raised by the compiled inner step when torch.compile ran it eagerly instead."""
 
-    def __init__(self, fn: Callable[..., Any], model: nn.Module):
-        self.fn, self.model = fn, model
-        self.seen: set[tuple] = set()
+
+class _CompiledStep:
+    """A ``torch.compile``'d inner step that task threads may share.
+
+    Dynamo compiles on a call with inputs it has not seen, and AOTAutograd compiles the
+    step's backward at its first backward; compiling is not thread-safe (a call into compiled
+    code while another thread traces is refused). So inputs of a new kind (the key below
+    covers what dynamo guards on) first go through a throw-away call and backward (zero
+    cotangents) that compile both, one thread at a time; the calls that count then run
+    concurrently (compiled code does not touch the module). The same locked first call finds
+    the parameters the support loss does not reach: the eager loop leaves them (and their
+    learned rates) out of the update, and so does this. Returns None where torch.compile
+    gave up (past its recompile limit): the caller then steps eagerly."""
+
+    def __init__(self, fn: Callable[..., Any], model: nn.Module, loss_fn: LossFn):
+        self.fn, self.model, self.loss_fn = fn, model, loss_fn
+        self.unused: dict[tuple, frozenset[str]] = {}
+        self.warned = False
+
+    def _key(self, p: Params, rates: dict[str, Any], sx: torch.Tensor,
+             sy: torch.Tensor) -> tuple:
+        dev = sx.device.type
+        return (tuple(sx.shape), sx.dtype, sx.device, tuple(sy.shape), sy.dtype,
+                self.model.training, torch.is_autocast_enabled(dev),
+                torch.get_autocast_dtype(dev),
+                tuple((k, v.dtype, v.requires_grad) for k, v in p.items()),
+                tuple(r if isinstance(r, float) else (r.dtype, r.shape, r.requires_grad)
+                      for r in rates.values()))
 
     def __call__(self, p: Params, slow: Params, buffers: Params, rates: dict[str, Any],
-                 sx: torch.Tensor, sy: torch.Tensor) -> tuple[Params, torch.Tensor]:
-        dev = sx.device.type
-        key = (tuple(sx.shape), sx.dtype, sx.device, tuple(sy.shape), sy.dtype,
-               self.model.training, torch.is_autocast_enabled(dev),
-               torch.get_autocast_dtype(dev), tuple((k, v.dtype) for k, v in p.items()))
-        if key in self.seen:
-            return self.fn(p, slow, buffers, rates, sx, sy)
+                 sx: torch.Tensor, sy: torch.Tensor) -> tuple[Params, torch.Tensor] | None:
+        # one input type for every step (parameters at step 0, tensors after): one graph
+        p = {k: v.view_as(v) if isinstance(v, nn.Parameter) else v for k, v in p.items()}
+        key = self._key(p, rates, sx, sy)
+        if key not in self.unused:
+            with _COMPILE_LOCK:
+                if key not in self.unused:
+                    self._first_call(key, p, slow, buffers, rates, sx, sy)
+        unused = self.unused[key]
+        if unused:  # their learned rates stay out of the graph (no gradient, as eager)
+            rates = {k: 0.0 if k in unused else r for k, r in rates.items()}
+        try:
+            new_p, loss = self.fn(p, slow, buffers, rates, sx, sy)
+        except _GAVE_UP:
+            if not self.warned:
+                self.warned = True
+                warnings.warn("MAML(compile_inner=...): torch.compile gave up on the inner step "
+                              "(its recompile limit: too many episode shapes or model "
+                              "structures); those steps run eagerly", stacklevel=3)
+            return None
+        for k in unused:
+            new_p[k] = p[k]
+        return new_p, loss
+
+    def _first_call(self, key: tuple, p: Params, slow: Params, buffers: Params,
+                    rates: dict[str, Any], sx: torch.Tensor, sy: torch.Tensor) -> None:
         from torch._dynamo.exc import BackendCompilerFailed
 
-        with _COMPILE_LOCK:
-            try:
-                # a throw-away call and backward: the compiled backward may reuse its saved
-                # tensors' memory, so the call returned below keeps a graph of its own
-                new_p, loss = self.fn(p, slow, buffers, rates, sx, sy)
-                outs = [t for t in (loss, *new_p.values()) if t.requires_grad]
-                ins = [t for t in (*p.values(), *rates.values())
-                       if isinstance(t, torch.Tensor) and t.requires_grad]
-                if outs and ins:
-                    torch.autograd.grad(outs, ins, [torch.zeros_like(t) for t in outs],
-                                        allow_unused=True)
-            except BackendCompilerFailed as err:  # the model traced; its compiler failed
-                cause = getattr(err, "inner_exception", None) or err.__cause__ or err
-                why = f"{type(cause).__name__}: {str(cause).strip()[:300]}"
-                raise ConfigError(
-                    f"MAML(compile_inner=...): torch.compile's backend failed on the inner step "
-                    f"({why}); on the CPU it needs a C++ compiler (g++ or clang++, or CXX "
-                    "set); set compile_inner=False to run the step eagerly") from err
-            del new_p, loss, outs
-            self.seen.add(key)
-        return self.fn(p, slow, buffers, rates, sx, sy)
+        loss = self.loss_fn(functional_call(self.model, (p, slow, buffers), (sx,)), sy)
+        gs = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
+        unused = frozenset(k for k, g in zip(p, gs, strict=True) if g is None)
+        if unused:  # as __call__ will pass them
+            rates = {k: 0.0 if k in unused else r for k, r in rates.items()}
+        try:
+            # a throw-away call and backward: the compiled backward may reuse its saved
+            # tensors' memory, so the call that counts keeps a graph of its own
+            new_p, loss = self.fn(p, slow, buffers, rates, sx, sy)
+            outs = [t for t in (loss, *new_p.values()) if t.requires_grad]
+            ins = [t for t in (*p.values(), *rates.values())
+                   if isinstance(t, torch.Tensor) and t.requires_grad]
+            if outs and ins:
+                torch.autograd.grad(outs, ins, [torch.zeros_like(t) for t in outs],
+                                    allow_unused=True)
+        except _GAVE_UP:
+            pass  # past the recompile limit already: __call__ falls back to eager
+        except BackendCompilerFailed as err:  # the model traced; its compiler failed
+            cause = getattr(err, "inner_exception", None) or err.__cause__ or err
+            why = f"{type(cause).__name__}: {str(cause).strip()[:300]}"
+            raise ConfigError(
+                f"MAML(compile_inner=...): torch.compile's backend failed on the inner step "
+                f"({why}); on the CPU it needs a C++ compiler (g++ or clang++, or CXX "
+                "set); set compile_inner=False to run the step eagerly") from err
+        self.unused[key] = unused
 
+
+try:  # what fullgraph=True raises past the recompile limit (eager execution otherwise)
+    from torch._dynamo.exc import FailOnRecompileLimitHit as _LimitHit
+    _GAVE_UP: tuple[type[Exception], ...] = (_NotCompiled, _LimitHit)
+except ImportError:  # pragma: no cover (older torch)
+    _GAVE_UP = (_NotCompiled,)
 
 _COMPILED: weakref.WeakKeyDictionary[MAML, dict] = weakref.WeakKeyDictionary()
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
