@@ -12,6 +12,7 @@ Two workloads (the issue "Speed and scale", REFERENCES.md "MAML implementations,
 One meta-iteration = zero_grad + meta-loss + backward + outer Adam step. Methods:
 
 * ``vmap`` / ``loop`` / ``auto``: ``metattn.MAML(vectorize=True / False / "auto")``;
+* ``compiled``: the loop with ``MAML(compile_inner=True)`` (so one run times both);
 * ``plain``: a per-task loop written here (``functional_call`` +
   ``torch.autograd.grad(create_graph=True)``, one backward per task);
 * ``higher``: ``higher.innerloop_ctx`` (when importable; ``pip install higher``).
@@ -78,7 +79,8 @@ import metattn as mt
 from metattn.nn.backbones import MaxPool2x2
 from metattn.perf import CUDAGraphStep
 
-METHODS = ("vmap", "loop", "auto", "plain", "higher")
+METHODS = ("vmap", "loop", "auto", "compiled", "plain", "higher")
+OURS = ("vmap", "loop", "auto", "compiled")  # metattn's methods
 
 # REFERENCES.md, "MAML implementations, speed": median s per meta-iteration, measured side
 # by side on one machine (higher / learn2learn / plain torch.func loop / hand-written vmap).
@@ -177,10 +179,10 @@ def make_method(name: str, model: torch.nn.Module, wl: Workload, chunk_size: int
     """(step function that accumulates meta-gradients into .grad, params for the optimiser,
     the metattn learner or None)."""
     ctx = mt.double_backward if wl.double_backward else nullcontext
-    if name in ("vmap", "loop", "auto"):
-        vec = {"vmap": True, "loop": False, "auto": "auto"}[name]
+    if name in OURS:
+        vec = {"vmap": True, "loop": False, "auto": "auto", "compiled": False}[name]
         kw = {"checkpoint": True} if checkpoint else {}
-        if compile_inner and name != "vmap":  # the compiled step is the loop's
+        if name == "compiled" or (compile_inner and name != "vmap"):  # the loop's step
             kw["compile_inner"] = True
         learner = mt.MAML(model, inner_lr=wl.inner_lr, inner_steps=wl.inner_steps,
                           first_order=False, vectorize=vec, chunk_size=chunk_size,
@@ -279,7 +281,7 @@ class Runner:
                  device: torch.device):
         self.name, self.device = name, device
         self.model = copy.deepcopy(base)
-        ours = name in ("vmap", "loop", "auto")
+        ours = name in OURS
         prepare(self.model, name, args)
         self.graphed = bool(args.cuda_graph and ours and device.type == "cuda")
         self.step, params, learner = make_method(
@@ -416,7 +418,7 @@ def prepare(model: torch.nn.Module, name: str, args) -> None:
             for child_name, child in mod.named_children():
                 if isinstance(child, MaxPool2x2):
                     setattr(mod, child_name, torch.nn.MaxPool2d(2))
-    if name in ("vmap", "loop", "auto") and args.no_fold and isinstance(model, mt.Conv4):
+    if name in OURS and args.no_fold and isinstance(model, mt.Conv4):
         model.fold_first_norm = False
     if name == "loop" and args.channels_last and isinstance(model, mt.Conv4):
         model.channels_last = True  # NHWC weights and activations (same numbers)
@@ -523,7 +525,7 @@ def run_workload(wl_name: str, args, device: torch.device, dtype: torch.dtype) -
             gref, diff = grad_check(row["method"], wl, base, batches[0], args, ref)
             ref = gref if row["method"] == "plain" else ref
             row["grad_diff"] = diff
-            if row["method"] in ("vmap", "loop", "auto") and amp_dtype(args) is not None:
+            if row["method"] in OURS and amp_dtype(args) is not None:
                 # what the timed precision costs: float32 under autocast, and float32 alone,
                 # each against the float64 reference
                 g_amp, row["amp_grad_diff"] = grad_check(
@@ -604,7 +606,8 @@ def print_table(res: dict, header: dict) -> None:
                   f"above) vs the float64 plain loop: max rel diff {r['amp_grad_diff']:.1e}, "
                   f"|g - g64| / |g64| {r['amp_grad_norm_diff']:.1e} (float32 without "
                   f"autocast: max rel diff {r['fp32_grad_diff']:.1e})")
-        if header.get("compile_inner") and r["method"] in ("loop", "auto"):
+        if r["method"] == "compiled" or (header.get("compile_inner")
+                                         and r["method"] in ("loop", "auto")):
             print(f"{r['method']}: first warm-up iteration (compiles the inner step) "
                   f"{r['first_iteration_s']:.1f} s")
         if r.get("graph_vs_eager") is not None:
