@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+import torch._dynamo
 from models import make, meta_grad
 from torch import nn
 
@@ -66,9 +67,12 @@ def test_compile_inner_refuses_what_it_cannot_compile():
     with pytest.raises(ConfigError, match="track_running_stats=False"):
         mt.MAML(bn, compile_inner=True)
     learner = mt.MAML(m, compile_inner=True)
-    # auto picks the loop, whose step is the compiled one (an MLP would otherwise take vmap)
+    # auto picks the loop, whose step is the compiled one (an MLP would otherwise take vmap);
+    # evaluation adapts eagerly and keeps vmap
     assert not learner._use_vmap(torch.device("cpu"))
     assert mt.MAML(m)._use_vmap(torch.device("cpu"))
+    with torch.no_grad():
+        assert learner._use_vmap(torch.device("cpu"))
     opt = torch.optim.Adam(learner.parameters(), 1e-3, capturable=True)
     with pytest.raises(ConfigError, match="compile_inner"):
         CUDAGraphStep(learner, opt)
@@ -129,24 +133,75 @@ def test_compiled_steps_follow_the_eager_loop_in_its_corners(fp64):
 
 @needs_compiler
 @pytest.mark.slow
-def test_past_the_recompile_limit_threads_step_eagerly_and_correctly(fp64, monkeypatch):
+def test_past_the_recompile_limit_threads_step_eagerly_and_correctly(fp64):
     """When torch.compile gives up (its recompile limit), the step runs eagerly on each
     thread's own model replica: same meta-gradient, one warning."""
-    import torch._dynamo
-
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     torch._dynamo.reset()
     m, _ = make("mlp", T=4)
     ref = mt.MAML(m, inner_lr=0.3, inner_steps=2, vectorize=False)
     comp = mt.MAML(m, inner_lr=0.3, inner_steps=2, vectorize=False, compile_inner=True,
                    task_threads=2)
-    for shots in (6, 4):  # the second shape is past the limit
-        batch = make("mlp", T=4, S=shots, seed=shots)[1]
-        g_a = meta_grad(ref, batch)[1]
-        if shots == 4:
-            with pytest.warns(UserWarning, match="gave up"):
+    # (config.patch, not monkeypatch: the config module's attributes are not its __dict__'s)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for shots in (6, 4):  # the second shape is past the limit
+            batch = make("mlp", T=4, S=shots, seed=shots)[1]
+            g_a = meta_grad(ref, batch)[1]
+            if shots == 4:
+                with pytest.warns(UserWarning, match="gave up"):
+                    g_b = meta_grad(comp, batch)[1]
+            else:
                 g_b = meta_grad(comp, batch)[1]
-        else:
-            g_b = meta_grad(comp, batch)[1]
-        torch.testing.assert_close(g_b, g_a, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(g_b, g_a, rtol=1e-10, atol=1e-12)
     torch._dynamo.reset()
+
+
+def _recording_backend(log: list):
+    """An AOTAutograd backend without a code generator (fast) that records, for each forward
+    and backward it compiles, whether the compile lock was held."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from metattn.meta import maml
+
+    def compiler(kind):
+        def compile_graph(gm, example_inputs):
+            log.append((kind, maml._COMPILE_LOCK.locked()))
+            return make_boxed_func(gm.forward)
+        return compile_graph
+
+    return aot_autograd(fw_compiler=compiler("fw"), bw_compiler=compiler("bw"))
+
+
+def test_task_threads_never_compile_outside_the_lock(fp64):
+    """What dynamo guards on may change between calls (the calling thread's thread count
+    when a 1-task batch runs on the caller, the inputs' strides): each new kind of input
+    compiles under the lock, forward and backward, never concurrently in the workers."""
+    log: list = []
+    m, one = make("mlp", T=1)
+    _, four = make("mlp", T=4, seed=1)
+    comp = mt.MAML(m, inner_lr=0.3, inner_steps=2, vectorize=False, task_threads=2,
+                   compile_inner={"backend": _recording_backend(log)})
+    ref = mt.MAML(m, inner_lr=0.3, inner_steps=2, vectorize=False)
+    strided = mt.TaskBatch(four.support_x.transpose(1, 2).contiguous().transpose(1, 2),
+                           four.support_y, four.query_x, four.query_y, n_way=four.n_way)
+    for batch in (one, four, strided):
+        torch.testing.assert_close(meta_grad(comp, batch)[1], meta_grad(ref, batch)[1],
+                                   rtol=1e-10, atol=1e-12)
+    assert {kind for kind, _ in log} == {"fw", "bw"}
+    assert all(locked for _, locked in log), log
+
+
+def test_a_graph_break_in_the_model_is_a_config_error(fp64):
+    class Breaks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            torch._dynamo.graph_break()
+            return self.lin(x)
+
+    _, batch = make("mlp", T=2)
+    learner = mt.MAML(Breaks().double(), inner_steps=1, compile_inner={"backend": "eager"})
+    with pytest.raises(ConfigError, match="one graph.*compile_inner=False"):
+        learner.meta_loss(batch)

@@ -388,7 +388,7 @@ class MAML(Learner):
                 measure()
             for i in range(steps):
                 out = None if compiled is None else compiled(
-                    p, slow, buffers, {k: self._lr(k, i) for k in p}, sx, sy)
+                    p, slow, buffers, {k: self._lr(k, i) for k in p}, sx, sy, model)
                 if out is not None:
                     p, loss = out
                 else:  # eager (also where torch.compile gave up on the step: see _CompiledStep)
@@ -416,9 +416,10 @@ class MAML(Learner):
         cache = _COMPILED.setdefault(self, {})
         key = (loss_fn, first_order)
         if key not in cache:
-            if len(cache) >= 8:
+            seen = {fn for fn, _ in cache}
+            if loss_fn not in seen and len(seen) >= 8:
                 raise ConfigError(
-                    f"MAML(compile_inner=...): meta_loss has seen {len(cache) + 1} different "
+                    f"MAML(compile_inner=...): meta_loss has seen {len(seen) + 1} different "
                     "loss functions, each compiled anew; pass the same function object each "
                     "time (not a lambda made per call) or set compile_inner=False")
             model = self.model
@@ -980,25 +981,33 @@ class _CompiledStep:
         self.unused: dict[tuple, frozenset[str]] = {}
         self.warned = False
 
-    def _key(self, p: Params, rates: dict[str, Any], sx: torch.Tensor,
-             sy: torch.Tensor) -> tuple:
-        dev = sx.device.type
-        return (tuple(sx.shape), sx.dtype, sx.device, tuple(sy.shape), sy.dtype,
-                self.model.training, torch.is_autocast_enabled(dev),
-                torch.get_autocast_dtype(dev),
-                tuple((k, v.dtype, v.requires_grad) for k, v in p.items()),
-                tuple(r if isinstance(r, float) else (r.dtype, r.shape, r.requires_grad)
-                      for r in rates.values()))
+    def _key(self, p: Params, slow: Params, buffers: Params, rates: dict[str, Any],
+             sx: torch.Tensor, sy: torch.Tensor) -> tuple:
+        """What dynamo's guards look at: the global state (grad mode, autocast, default dtype,
+        this thread's thread count, deterministic flags), every input's metadata, the
+        modules' training flags and the fixed rates' values."""
+        from torch._C._dynamo.guards import GlobalStateGuard
+
+        def meta(t: torch.Tensor) -> tuple:
+            return (t.dtype, t.device, tuple(t.shape), t.stride(), t.requires_grad)
+
+        return (GlobalStateGuard().__getstate__(), meta(sx), meta(sy),
+                tuple(m.training for m in self.model.modules()),
+                tuple(meta(v) for d in (p, slow, buffers) for v in d.values()),
+                tuple(r if isinstance(r, float) else meta(r) for r in rates.values()))
 
     def __call__(self, p: Params, slow: Params, buffers: Params, rates: dict[str, Any],
-                 sx: torch.Tensor, sy: torch.Tensor) -> tuple[Params, torch.Tensor] | None:
+                 sx: torch.Tensor, sy: torch.Tensor, eager_model: nn.Module
+                 ) -> tuple[Params, torch.Tensor] | None:
+        """One inner step; ``eager_model`` (the caller's model or its thread's replica) runs
+        the first call's eager check, so the shared module is never swapped."""
         # one input type for every step (parameters at step 0, tensors after): one graph
         p = {k: v.view_as(v) if isinstance(v, nn.Parameter) else v for k, v in p.items()}
-        key = self._key(p, rates, sx, sy)
+        key = self._key(p, slow, buffers, rates, sx, sy)
         if key not in self.unused:
             with _COMPILE_LOCK:
                 if key not in self.unused:
-                    self._first_call(key, p, slow, buffers, rates, sx, sy)
+                    self._first_call(key, p, slow, buffers, rates, sx, sy, eager_model)
         unused = self.unused[key]
         if unused:  # their learned rates stay out of the graph (no gradient, as eager)
             rates = {k: 0.0 if k in unused else r for k, r in rates.items()}
@@ -1016,10 +1025,11 @@ class _CompiledStep:
         return new_p, loss
 
     def _first_call(self, key: tuple, p: Params, slow: Params, buffers: Params,
-                    rates: dict[str, Any], sx: torch.Tensor, sy: torch.Tensor) -> None:
-        from torch._dynamo.exc import BackendCompilerFailed
+                    rates: dict[str, Any], sx: torch.Tensor, sy: torch.Tensor,
+                    eager_model: nn.Module) -> None:
+        from torch._dynamo.exc import BackendCompilerFailed, Unsupported
 
-        loss = self.loss_fn(functional_call(self.model, (p, slow, buffers), (sx,)), sy)
+        loss = self.loss_fn(functional_call(eager_model, (p, slow, buffers), (sx,)), sy)
         gs = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
         unused = frozenset(k for k, g in zip(p, gs, strict=True) if g is None)
         if unused:  # as __call__ will pass them
@@ -1036,6 +1046,11 @@ class _CompiledStep:
                                     allow_unused=True)
         except _GAVE_UP:
             pass  # past the recompile limit already: __call__ falls back to eager
+        except Unsupported as err:  # e.g. a graph break (the step compiles as one graph)
+            raise ConfigError(
+                "MAML(compile_inner=...): torch.compile cannot capture the inner step as one "
+                f"graph ({str(err).strip().splitlines()[0][:300]}); set compile_inner=False "
+                "to run the step eagerly") from err
         except BackendCompilerFailed as err:  # the model traced; its compiler failed
             cause = getattr(err, "inner_exception", None) or err.__cause__ or err
             why = f"{type(cause).__name__}: {str(cause).strip()[:300]}"
