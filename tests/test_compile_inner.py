@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
@@ -205,3 +206,53 @@ def test_a_graph_break_in_the_model_is_a_config_error(fp64):
     learner = mt.MAML(Breaks().double(), inner_steps=1, compile_inner={"backend": "eager"})
     with pytest.raises(ConfigError, match="one graph.*compile_inner=False"):
         learner.meta_loss(batch)
+
+
+class _Tempered(nn.Module):
+    """Logits over a temperature the forward reads as a plain attribute, and dropout."""
+
+    def __init__(self, p_drop: float = 0.0):
+        super().__init__()
+        self.net = mt.MLP(4, [8], 3)
+        self.drop = nn.Dropout(p_drop)
+        self.temp = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.drop(x)) / self.temp
+
+
+def test_attributes_hooks_and_dropout_follow_the_eager_loop(fp64):
+    """A plain attribute the forward reads (changed between calls) recompiles under the
+    lock; a model with hooks (which dynamo's graphs would skip: not guarded) steps eagerly
+    with a warning, also where another learner already compiled its structure; a model with
+    dropout draws the same masks as the eager loop from its first call on."""
+    log: list = []
+    backend = _recording_backend(log)
+    torch.manual_seed(0)
+    _, batch = make("mlp", T=4)
+    m = _Tempered().double()
+    kw = dict(inner_lr=0.3, inner_steps=2, vectorize=False)
+    comp = mt.MAML(m, **kw, task_threads=2, compile_inner={"backend": backend})
+    ref = mt.MAML(m, **kw)
+    for temp in (1.0, 2.0):
+        m.temp = temp
+        torch.testing.assert_close(meta_grad(comp, batch)[1], meta_grad(ref, batch)[1],
+                                   rtol=1e-10, atol=1e-12)
+    assert len(log) == 4 and all(locked for _, locked in log), log  # fw + bw per temperature
+
+    hooked = copy.deepcopy(m)
+    hooked.net.register_forward_hook(lambda mod, args, out: 2 * out)
+    comp_h = mt.MAML(hooked, **kw, compile_inner={"backend": backend})
+    with pytest.warns(UserWarning, match="hooks"):
+        got = meta_grad(comp_h, batch)[1]
+    torch.testing.assert_close(got, meta_grad(mt.MAML(hooked, **kw), batch)[1],
+                               rtol=1e-10, atol=1e-12)
+
+    dropped = _Tempered(p_drop=0.3).double()
+    losses = []
+    for compiled in (False, True):
+        learner = mt.MAML(dropped, **kw, compile_inner={"backend": backend} if compiled
+                          else False)
+        torch.manual_seed(1)
+        losses.append(learner.meta_loss(batch)[0].item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-12)

@@ -45,7 +45,7 @@ from metattn.data.tasks import TaskBatch
 from metattn.errors import ConfigError, InnerLoopError, TaskError
 from metattn.meta.base import Learner, LossFn, accuracy, default_loss
 from metattn.meta.norms import NormRewrite
-from metattn.nn.attention import MultiHeadAttention, double_backward, recording
+from metattn.nn.attention import MultiHeadAttention, double_backward, recording, unhooked
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
                nn.LocalResponseNorm)
@@ -979,20 +979,28 @@ class _CompiledStep:
     def __init__(self, fn: Callable[..., Any], model: nn.Module, loss_fn: LossFn):
         self.fn, self.model, self.loss_fn = fn, model, loss_fn
         self.unused: dict[tuple, frozenset[str]] = {}
-        self.warned = False
+        self.warned: set[str] = set()
+
+    def _warn(self, why: str) -> None:
+        if why not in self.warned:
+            self.warned.add(why)
+            warnings.warn(f"MAML(compile_inner=...): {why}", stacklevel=4)
 
     def _key(self, p: Params, slow: Params, buffers: Params, rates: dict[str, Any],
              sx: torch.Tensor, sy: torch.Tensor) -> tuple:
         """What dynamo's guards look at: the global state (grad mode, autocast, default dtype,
         this thread's thread count, deterministic flags), every input's metadata, the
-        modules' training flags and the fixed rates' values."""
+        modules' plain attributes (``training``, a dropout's ``p``, a temperature; not
+        closures or globals) and the fixed rates' values."""
         from torch._C._dynamo.guards import GlobalStateGuard
 
         def meta(t: torch.Tensor) -> tuple:
             return (t.dtype, t.device, tuple(t.shape), t.stride(), t.requires_grad)
 
+        plain = (int, float, bool, str, type(None))
         return (GlobalStateGuard().__getstate__(), meta(sx), meta(sy),
-                tuple(m.training for m in self.model.modules()),
+                tuple(tuple((k, v) for k, v in vars(m).items() if isinstance(v, plain))
+                      for m in self.model.modules()),
                 tuple(meta(v) for d in (p, slow, buffers) for v in d.values()),
                 tuple(r if isinstance(r, float) else meta(r) for r in rates.values()))
 
@@ -1001,24 +1009,32 @@ class _CompiledStep:
                  ) -> tuple[Params, torch.Tensor] | None:
         """One inner step; ``eager_model`` (the caller's model or its thread's replica) runs
         the first call's eager check, so the shared module is never swapped."""
+        if not unhooked(*self.model.modules()):
+            # dynamo does not guard on module hooks: a graph traced without them would skip
+            # them, so hooked models step eagerly
+            self._warn("the model has forward/backward hooks, which compiled steps would "
+                       "skip; its steps run eagerly")
+            return None
         # one input type for every step (parameters at step 0, tensors after): one graph
         p = {k: v.view_as(v) if isinstance(v, nn.Parameter) else v for k, v in p.items()}
         key = self._key(p, slow, buffers, rates, sx, sy)
         if key not in self.unused:
             with _COMPILE_LOCK:
                 if key not in self.unused:
-                    self._first_call(key, p, slow, buffers, rates, sx, sy, eager_model)
+                    # the first call's extra passes leave the random stream (dropout) alone
+                    dev = sx.device
+                    rng = {"devices": []} if dev.type == "cpu" else {
+                        "devices": [dev], "device_type": dev.type}
+                    with torch.random.fork_rng(**rng):
+                        self._first_call(key, p, slow, buffers, rates, sx, sy, eager_model)
         unused = self.unused[key]
         if unused:  # their learned rates stay out of the graph (no gradient, as eager)
             rates = {k: 0.0 if k in unused else r for k, r in rates.items()}
         try:
             new_p, loss = self.fn(p, slow, buffers, rates, sx, sy)
         except _GAVE_UP:
-            if not self.warned:
-                self.warned = True
-                warnings.warn("MAML(compile_inner=...): torch.compile gave up on the inner step "
-                              "(its recompile limit: too many episode shapes or model "
-                              "structures); those steps run eagerly", stacklevel=3)
+            self._warn("torch.compile gave up on the inner step (its recompile limit: too "
+                       "many episode shapes or model structures); those steps run eagerly")
             return None
         for k in unused:
             new_p[k] = p[k]
