@@ -16,6 +16,8 @@
 #     is, then plain MAML at meta-batch 32 in the same CUDA graph mode);
 #  (PARTS="graph ...": only the CUDA-graph throughput runs of "speed" below, and conv4 under
 #     bf16 autocast inside the graph)
+#  (PARTS="compile ...": the transformer with MAML(compile_inner=True), the per-task loop
+#     whose inner steps run through torch.compile, against the plain loop; not by default)
 #  (PARTS="speed ...": vmap variants without the per-step NaN check, in one CUDA graph (also
 #     with chunks of 8 tasks, each backward at once: the memory goal) and under bf16 autocast,
 #     with torch.profiler tables)
@@ -70,8 +72,8 @@ fi
 T0=$SECONDS
 status=0
 for p in $PARTS; do
-  case $p in tests|throughput|speed|graph|omniglot|icl) ;;
-    *) echo "gpu_check: unknown part '$p' in PARTS; use tests, throughput, speed, graph," \
+  case $p in tests|throughput|speed|graph|compile|omniglot|icl) ;;
+    *) echo "gpu_check: unknown part '$p' in PARTS; use tests, throughput, speed, graph, compile," \
          "omniglot, icl"
        exit 2 ;;
   esac
@@ -128,6 +130,10 @@ if part speed; then  # where the vmap path's time goes, and what removes it
     --warmup 2 --tf32 on --check-finite off --profile
 fi
 if part speed || part graph; then graph_tp; fi
+if part compile; then  # MAML(compile_inner=True) on the GPU (tested on CPU only so far)
+  tp 300 transformer_compiled --workload transformer --methods compiled --iters 3 \
+    --warmup 2 --tf32 on
+fi
 pack
 
 # shellcheck disable=SC2086  # the *_EXTRA variables are word lists
