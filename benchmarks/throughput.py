@@ -292,6 +292,7 @@ class Runner:
         # metattn.perf.CUDAGraphStep: 2 eager warm-up steps, the capture at the 3rd
         self.graph_step = CUDAGraphStep(learner, self.opt, warmup=2,
                                         autocast=amp_dtype(args)) if self.graphed else None
+        self.compiles = learner is not None and learner.compile_inner is not False
         self.times: list[float] = []
         self.cpu_times: list[float] = []
 
@@ -344,7 +345,7 @@ def time_methods(names: list[str], wl: Workload, base: torch.nn.Module,
         rows.append({"method": r.name, "s_per_it": med, "it_per_s": 1 / med,
                      "tasks_per_s": wl.meta_batch / med, "peak_mb": r.peak_mb,
                      "times": r.times, "cpu_s_per_it": statistics.median(r.cpu_times),
-                     "first_iteration_s": r.first_s,
+                     "first_iteration_s": r.first_s, "compile_inner": r.compiles,
                      "graph_vs_eager": graph_check(r.name, wl, base, batches, args)
                      if r.graphed else None})
     return rows
@@ -539,9 +540,10 @@ def run_workload(wl_name: str, args, device: torch.device, dtype: torch.dtype) -
     floor = None
     if not (args.no_floor or args.no_plain):  # quick runs without the reference skip it too
         flops = workload_flops(wl, base, batches[0], args)
-        peak, n = matmul_peak(device, amp_dtype(args) or dtype)
+        timed = amp_dtype(args) or dtype  # the precision metattn's methods run in
+        peak, n = matmul_peak(device, timed)
         floor = {"gflop": flops / 1e9, "peak_gflops": peak / 1e9, "n": n,
-                 "dtype": str(amp_dtype(args) or dtype).replace("torch.", ""),
+                 "dtype": str(timed).replace("torch.", ""),
                  "s_per_it": flops / peak}
         for r in rows:
             r["of_peak"] = floor["s_per_it"] / r["s_per_it"]
@@ -606,8 +608,7 @@ def print_table(res: dict, header: dict) -> None:
                   f"above) vs the float64 plain loop: max rel diff {r['amp_grad_diff']:.1e}, "
                   f"|g - g64| / |g64| {r['amp_grad_norm_diff']:.1e} (float32 without "
                   f"autocast: max rel diff {r['fp32_grad_diff']:.1e})")
-        if r["method"] == "compiled" or (header.get("compile_inner")
-                                         and r["method"] in ("loop", "auto")):
+        if r.get("compile_inner"):
             print(f"{r['method']}: first warm-up iteration (compiles the inner step) "
                   f"{r['first_iteration_s']:.1f} s")
         if r.get("graph_vs_eager") is not None:

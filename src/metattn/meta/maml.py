@@ -1029,8 +1029,7 @@ class _CompiledStep:
                     with torch.random.fork_rng(**rng):
                         self._first_call(key, p, slow, buffers, rates, sx, sy, eager_model)
         unused = self.unused[key]
-        if unused:  # their learned rates stay out of the graph (no gradient, as eager)
-            rates = {k: 0.0 if k in unused else r for k, r in rates.items()}
+        rates = _without(rates, unused)
         try:
             new_p, loss = self.fn(p, slow, buffers, rates, sx, sy)
         except _GAVE_UP:
@@ -1049,8 +1048,7 @@ class _CompiledStep:
         loss = self.loss_fn(functional_call(eager_model, (p, slow, buffers), (sx,)), sy)
         gs = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
         unused = frozenset(k for k, g in zip(p, gs, strict=True) if g is None)
-        if unused:  # as __call__ will pass them
-            rates = {k: 0.0 if k in unused else r for k, r in rates.items()}
+        rates = _without(rates, unused)  # as __call__ will pass them
         try:
             # a throw-away call and backward: the compiled backward may reuse its saved
             # tensors' memory, so the call that counts keeps a graph of its own
@@ -1076,6 +1074,12 @@ class _CompiledStep:
                 f"({why}); on the CPU it needs a C++ compiler (g++ or clang++, or CXX "
                 "set); set compile_inner=False to run the step eagerly") from err
         self.unused[key] = unused
+
+
+def _without(rates: dict[str, Any], unused: frozenset[str]) -> dict[str, Any]:
+    """The step's rates with those of unused parameters as 0.0: their learned rates stay out
+    of the compiled graph (no gradient, as in the eager loop)."""
+    return {k: 0.0 if k in unused else r for k, r in rates.items()} if unused else rates
 
 
 try:  # what fullgraph=True raises past the recompile limit (eager execution otherwise)
