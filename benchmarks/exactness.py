@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import metattn as mt
-import metattn.meta.maml as maml_module
+import metattn.meta.maml.learner as maml_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from models import make  # noqa: E402

@@ -15,7 +15,7 @@ sinusoid_mse_vs_shots`); writes ``icl_sinusoid.json``/``.md`` and ``maml_vs_icl.
 
 Trained runs are read from run directories (``--run``, ``--icl-run``, ``--maml-run``) or
 trained here by the recipe (``--steps N`` or ``--minutes M``: M minutes of training time,
-ended on time by :class:`metattn.train.TimeBudget`, which fits the cosine schedule to it).
+ended on time by :class:`metattn.recipe.TimeBudget`, which fits the cosine schedule to it).
 
     python benchmarks/icl.py linear --config configs/icl_linear_d5_cpu.yaml --run runs/icl-d5
     python benchmarks/icl.py linear --config configs/icl_linear_d5_cpu.yaml --minutes 10 \\
@@ -37,27 +37,26 @@ from typing import Any
 import torch
 
 from metattn import checkpoint
+from metattn.allocator import tune_cpu_allocator
 from metattn.config import RunConfig, from_dict, load
 from metattn.meta import baselines as bl
 from metattn.meta.baselines import error_vs_k
-from metattn.perf import tune_cpu_allocator
+from metattn.recipe import TimeBudget, build, pick_device, train
 from metattn.reports import fmt, print_table
-from metattn.train import TimeBudget, build, pick_device, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ runs
-def load_run(run_dir: Path) -> tuple[RunConfig, Any, dict[str, Any]]:
-    """(config, trained learner, summary) of a run directory."""
-    cfg = load(run_dir / "config.yaml")
-    _, _, learner = build(cfg, pick_device(cfg.train.device))
-    tensors, state = checkpoint.load(run_dir)
-    checkpoint.restore(tensors, state, learner)
-    learner.eval()  # the tables and plots read the model as the recipe evaluates it
+def trained_run(run_dir: Path) -> tuple[RunConfig, Any, dict[str, Any]]:
+    """(config, trained learner in eval mode, summary) of a run directory."""
+    cfg, learner = trained_run(run_dir)
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {
-        "steps": state["step"], "seconds": state["seconds"]}
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+    else:
+        state = checkpoint.load(run_dir)[1]
+        summary = {"steps": state["step"], "seconds": state["seconds"]}
     return cfg, learner, summary
 
 
@@ -111,7 +110,7 @@ def train_for(cfg: RunConfig, out: Path, steps: int | None, seconds: float | Non
               ) -> tuple[Any, dict[str, Any]]:
     """Train ``cfg`` by the recipe for ``steps``, or for ``seconds`` of training time: the
     step count is calibrated from timed steps (with a 30% margin) and a
-    :class:`~metattn.train.TimeBudget` ends the run on time, fitting the cosine schedule's
+    :class:`~metattn.recipe.TimeBudget` ends the run on time, fitting the cosine schedule's
     horizon to the budget, so the learning rate reaches zero when time runs out."""
     callbacks = []
     if seconds is not None:
@@ -126,7 +125,7 @@ def train_for(cfg: RunConfig, out: Path, steps: int | None, seconds: float | Non
         cfg.train.log_every = min(cfg.train.log_every, 10)  # the budget acts at log steps
         callbacks.append(TimeBudget(cfg, seconds))
     summary = train(cfg, out, callbacks=callbacks)
-    _, learner, _ = load_run(out)
+    _, learner, _ = trained_run(out)
     return learner, summary
 
 
@@ -156,7 +155,7 @@ def linear(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.run:
-        cfg, icl, summary = load_run(Path(args.run))
+        cfg, icl, summary = trained_run(Path(args.run))
         icl_dir = Path(args.run)
     else:
         cfg = load(args.config, args.set)
@@ -186,7 +185,7 @@ def linear(args: argparse.Namespace) -> int:
     maml_info = None
     if not args.no_maml:
         if args.maml_run:
-            _, maml, msum = load_run(Path(args.maml_run))
+            _, maml, msum = trained_run(Path(args.maml_run))
         else:
             mcfg = maml_config(cfg)
             maml, msum = train_for(mcfg, out / "maml", None, budget)
@@ -283,7 +282,7 @@ def sinusoid(args: argparse.Namespace) -> int:
     for name, run, config, sets in (("icl", args.icl_run, args.icl_config, args.icl_set),
                                     ("maml", args.maml_run, args.maml_config, args.maml_set)):
         if run:
-            _, learner, summary = load_run(Path(run))
+            _, learner, summary = trained_run(Path(run))
         else:
             # both learners on --threads threads (the configs' own counts differ), so an
             # equal time budget is an equal compute budget

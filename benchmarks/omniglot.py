@@ -1,6 +1,6 @@
 """Few-shot Omniglot table (MAML paper protocol), reproduced with the recipe.
 
-Runs each selected config (``configs/omniglot_*.yaml``) through :func:`metattn.train.train`,
+Runs each selected config (``configs/omniglot_*.yaml``) through :func:`metattn.recipe.train`,
 evaluates on the config's 600 FIXED seeded test episodes and prints, per config: the setting
 (N-way K-shot), learner (with the number of test-time inner steps for MAML), backbone, our
 accuracy (mean ± 95% CI over the episodes), the published number beside it (with its source,
@@ -13,7 +13,7 @@ directory is ``OUT/<config name>``.
     python benchmarks/omniglot.py --configs 'configs/omniglot_*_maml.yaml' --max-steps 2000
     python benchmarks/omniglot.py --set train.device=cuda --out runs/bench-omniglot-gpu
 
-Time budget (``--budget SECONDS``): each run gets a :class:`metattn.train.TimeBudget`
+Time budget (``--budget SECONDS``): each run gets a :class:`metattn.recipe.TimeBudget`
 callback, which ends training within that many TRAINING seconds (the recipe's ``seconds``:
 meta-steps, sampling included; periodic evaluation, data loading and the final evaluation
 excluded); with a cosine schedule, ``--fit-schedule`` (the default) also fits the schedule's
@@ -23,7 +23,7 @@ the callback runs at log steps.
 
 CPU speed-up (same maths): glibc hands the large activation buffers back to the OS after every
 step and page-faults them in again; ``--malloc-tune`` (default) keeps freed memory in the
-process with :func:`metattn.perf.tune_cpu_allocator` (``mallopt``: blocks up to 1 GiB from the
+process with :func:`metattn.allocator.tune_cpu_allocator` (``mallopt``: blocks up to 1 GiB from the
 heap, heap never trimmed). Measured for Conv-4 forward + backward on 360 images, one thread,
 torch 2.13, with the equivalent earlier setting (no mmap at all, trimming above 1 GiB): 1.57 ->
 0.89 CPU-seconds per step (system time 0.65 -> 0.01 s).
@@ -42,9 +42,9 @@ from typing import Any
 
 import torch
 
-import metattn.train as recipe
+import metattn.recipe as recipe
+from metattn.allocator import tune_cpu_allocator
 from metattn.config import RunConfig, load
-from metattn.perf import tune_cpu_allocator
 from metattn.reports import print_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def learner_name(cfg: RunConfig, summary: dict[str, Any]) -> tuple[str, str]:
         fo = bool(spec.get("first_order", False))
         # variants have their own published rows (or none): never Finn et al.'s numbers
         lr = spec.get("learn_inner_lr")
-        if spec.get("adapt"):
+        if spec.get("inner_params"):
             base, key = "ANIL", "anil"
         elif spec.get("msl_steps") or spec.get("second_order_start") or lr == "per_layer_step":
             base, key = "MAML++", "mamlpp"

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from metattn import registry
+from metattn.allocator import tune_cpu_allocator
 from metattn.config import load
 from metattn.data.omniglot import OmniglotTasks
 from metattn.data.tasks import TaskBatch, fixed_episodes
-from metattn.perf import tune_cpu_allocator
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "omniglot_5w1s_protonet_cpu.yaml"
 

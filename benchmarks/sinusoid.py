@@ -23,8 +23,8 @@ from pathlib import Path
 
 from metattn import checkpoint
 from metattn.config import config_diff, load
+from metattn.recipe import build_tasks, load_run, train
 from metattn.reports import fmt, print_table, sinusoid_mse_vs_shots
-from metattn.train import build, pick_device, train
 
 ROOT = Path(__file__).resolve().parents[1]
 LEARNERS = {
@@ -64,9 +64,8 @@ def main() -> None:
             summary = json.loads((run_dir / "summary.json").read_text())
         else:
             summary = train(cfg, run_dir, resume=(run_dir / checkpoint.WEIGHTS).is_file())
-        _, test_tasks, learner = build(cfg, pick_device(cfg.train.device))
-        tensors, state = checkpoint.load(run_dir)
-        checkpoint.restore(tensors, state, learner)
+        _, learner = load_run(run_dir)
+        _, test_tasks = build_tasks(cfg)
         table = sinusoid_mse_vs_shots(learner, shots=(5, 10, 20), steps=(1, 10),
                                       seed=cfg.eval.seed, tasks=test_tasks)
         record[name] = {"steps": summary["steps"], "train_seconds": summary["seconds"],

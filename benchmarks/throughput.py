@@ -31,7 +31,7 @@ over the rate of a large square matmul timed here. The ``of peak`` column is tha
 each method's s/it, and where anchors exist the table says which share of the peak the goal
 (1.5x the best anchor) asks for. ``--no-floor`` (or ``--no-plain``) skips it.
 
-On CUDA, ``--cuda-graph`` runs metattn's methods through :class:`metattn.perf.CUDAGraphStep`
+On CUDA, ``--cuda-graph`` runs metattn's methods through :class:`metattn.recipe.CUDAGraphStep`
 (the whole meta-step captured once and replayed; its parameter updates are checked against
 eager steps), ``--check-finite off`` drops MAML's per-step NaN check (a host sync),
 ``--autocast bf16`` runs the meta-loss under autocast (on CPU too, where oneDNN's bf16
@@ -77,7 +77,7 @@ from torch.func import functional_call
 
 import metattn as mt
 from metattn.nn.backbones import MaxPool2x2
-from metattn.perf import CUDAGraphStep
+from metattn.recipe import CUDAGraphStep
 
 METHODS = ("vmap", "loop", "auto", "compiled", "plain", "higher")
 OURS = ("vmap", "loop", "auto", "compiled")  # metattn's methods
@@ -289,7 +289,7 @@ class Runner:
             check_finite=args.check_finite == "on", autocast=amp_dtype(args) if ours else None,
             task_threads=args.task_threads, compile_inner=args.compile_inner)
         self.opt = torch.optim.Adam(params, lr=1e-3, foreach=True, capturable=self.graphed)
-        # metattn.perf.CUDAGraphStep: 2 eager warm-up steps, the capture at the 3rd
+        # metattn.recipe.CUDAGraphStep: 2 eager warm-up steps, the capture at the 3rd
         self.graph_step = CUDAGraphStep(learner, self.opt, warmup=2,
                                         autocast=amp_dtype(args)) if self.graphed else None
         self.compiles = learner is not None and learner.compile_inner is not False
@@ -612,7 +612,7 @@ def print_table(res: dict, header: dict) -> None:
             print(f"{r['method']}: first warm-up iteration (compiles the inner step) "
                   f"{r['first_iteration_s']:.1f} s")
         if r.get("graph_vs_eager") is not None:
-            print(f"{r['method']}: CUDA graph (metattn.perf.CUDAGraphStep) vs eager, parameter "
+            print(f"{r['method']}: CUDA graph (metattn.recipe.CUDAGraphStep) vs eager, parameter "
                   f"updates after 4 meta-steps: max rel diff {r['graph_vs_eager']:.1e} (the "
                   "fp64 gradient check above is of the eager path)")
     if res["skipped"]:
@@ -658,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check-tasks", type=int, default=4,
                    help="tasks in the float64 gradient check (0 = skip it)")
     p.add_argument("--malloc", default="tuned", choices=["tuned", "default"],
-                   help="CPU: metattn.perf.tune_cpu_allocator() for every method alike "
+                   help="CPU: metattn.allocator.tune_cpu_allocator() for every method alike "
                         "(no page-fault storm on each iteration's large tensors)")
     p.add_argument("--no-floor", action="store_true",
                    help="skip the compute floor (FLOPs counted on the plain loop / the "
@@ -673,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     malloc = "default"
     if args.malloc == "tuned":
-        from metattn.perf import tune_cpu_allocator
+        from metattn.allocator import tune_cpu_allocator
 
         malloc = "tuned" if tune_cpu_allocator() else "default (tuning unavailable)"
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")

@@ -13,7 +13,7 @@ from torch import nn
 
 import metattn as mt
 from metattn.errors import ConfigError
-from metattn.perf import CUDAGraphStep
+from metattn.recipe import CUDAGraphStep
 
 needs_compiler = pytest.mark.skipif(
     not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
@@ -70,10 +70,9 @@ def test_compile_inner_refuses_what_it_cannot_compile():
     learner = mt.MAML(m, compile_inner=True)
     # auto picks the loop, whose step is the compiled one (an MLP would otherwise take vmap);
     # evaluation adapts eagerly and keeps vmap
-    assert not learner._use_vmap(torch.device("cpu"))
-    assert mt.MAML(m)._use_vmap(torch.device("cpu"))
-    with torch.no_grad():
-        assert learner._use_vmap(torch.device("cpu"))
+    _, batch = make("mlp")
+    assert str(learner.plan(batch, train=False)) == str(mt.MAML(m).plan(batch)) == "vmap"
+    assert learner.plan(batch).compiled and not learner.plan(batch).vmap
     opt = torch.optim.Adam(learner.parameters(), 1e-3, capturable=True)
     with pytest.raises(ConfigError, match="compile_inner"):
         CUDAGraphStep(learner, opt)
@@ -162,11 +161,11 @@ def _recording_backend(log: list):
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
-    from metattn.meta import maml
+    from metattn.meta.maml.execution import compiled
 
     def compiler(kind):
         def compile_graph(gm, example_inputs):
-            log.append((kind, maml._COMPILE_LOCK.locked()))
+            log.append((kind, compiled._LOCK.locked()))
             return make_boxed_func(gm.forward)
         return compile_graph
 

@@ -21,7 +21,7 @@ import metattn
 from metattn import checkpoint
 from metattn.config import from_dict
 from metattn.meta.maml import MAML
-from metattn.train import train
+from metattn.recipe import train
 
 CFG = {
     "name": "ddp",
@@ -94,7 +94,7 @@ sys.exit(rc)
 DISAGREE = """
 import json, os, sys
 from metattn.config import from_dict
-from metattn.train import train
+from metattn.recipe import train
 
 cfg = from_dict(json.load(open(sys.argv[1])))
 rank = int(os.environ["RANK"])
@@ -116,7 +116,7 @@ import json, sys
 import torch
 import torch.distributed as dist
 from metattn.meta.metric import ProtoNet
-from metattn.train import evaluate
+from metattn.recipe import evaluate
 
 def setup(rank):
     # a ProtoNet whose encoder evaluates with running BatchNorm statistics, and 4 chunks of
@@ -147,7 +147,7 @@ if __name__ == "__main__":
 def test_split_evaluation_scores_rank_zeros_model(tmp_path):
     import importlib.util
 
-    from metattn.train import evaluate
+    from metattn.recipe import evaluate
 
     (tmp_path / "split.py").write_text(SPLIT_EVAL)
     _launch([str(tmp_path / "split.py"), str(tmp_path)], timeout=120)

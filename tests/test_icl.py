@@ -20,7 +20,8 @@ from metattn.meta.baselines import (
     nearest_neighbours,
     ridge,
 )
-from metattn.meta.incontext import Curriculum, ICLTransformer, InContextLearner
+from metattn.meta.incontext import Curriculum, InContextLearner
+from metattn.nn.incontext import ICLTransformer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -300,7 +301,7 @@ def test_curriculum_schedule():
 
 
 def test_builders_are_registered():
-    import metattn.builders_icl  # noqa: F401
+    import metattn.builders  # noqa: F401
     from metattn.registry import build
 
     task = build("task", {"kind": "linear", "d": 4, "k_shot": 8, "sparsity": 2}, "train")
@@ -438,8 +439,8 @@ def test_recipe_trains_an_icl_config_with_curriculum_and_writes_the_curve(tmp_pa
     import json
 
     from metattn.config import from_dict
-    from metattn.train import build as build_run
-    from metattn.train import train
+    from metattn.recipe import build as build_run
+    from metattn.recipe import train
 
     cfg = from_dict({
         "name": "tiny_icl", "seed": 1,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +13,8 @@ from torch import nn
 
 import metattn as mt
 from metattn.errors import ConfigError, InnerLoopError, TaskError
+from metattn.meta.maml import MAMLOptions, msl_weights
+from metattn.meta.maml import plan as plan_module
 
 
 def directional_fd(learner, batch, direction, eps):
@@ -250,13 +255,13 @@ def test_maml_pp_options(fp64):
     m, batch = make("mlp")
     learner = mt.MAMLpp(m, inner_lr=0.1, inner_steps=3, msl_steps=100, second_order_start=50)
     assert {lr.shape for lr in learner.inner_lrs.values()} == {torch.Size([3])}
-    w0 = learner.msl_weights(3, 0)
+    w0 = msl_weights(3, 0, learner.msl_steps)
     assert w0 == pytest.approx([1 / 3] * 3)
-    w_late = learner.msl_weights(3, 99)
+    w_late = msl_weights(3, 99, learner.msl_steps)
     assert w_late[-1] == pytest.approx(1 - 2 * 0.01) and w_late[0] == pytest.approx(0.01)
     # after the annealing, the final step alone (MAML++ reference code)
-    assert learner.msl_weights(3, 100) == [0.0, 0.0, 1.0]
-    assert learner.msl_weights(3, 10**6) == [0.0, 0.0, 1.0]
+    assert msl_weights(3, 100, learner.msl_steps) == [0.0, 0.0, 1.0]
+    assert msl_weights(3, 10**6, learner.msl_steps) == [0.0, 0.0, 1.0]
     loss, _ = learner.meta_loss(batch, step=0)
     loss.backward()
     # per-step per-layer rates all get gradients; with MSL at step 0 all 3 are used
@@ -555,8 +560,8 @@ def test_bad_step_counts_and_empty_adapt_are_config_errors():
         mt.MAML(m, eval_inner_steps=-1)
     with pytest.raises(ConfigError, match="inner_steps=-2"):
         mt.MAML(m, inner_steps=-2)
-    with pytest.raises(ConfigError, match="adapt=\\[\\] names no parameter"):
-        mt.MAML(m, adapt=[])
+    with pytest.raises(ConfigError, match="inner_params=\\[\\] names no parameter"):
+        mt.MAML(m, inner_params=[])
 
 
 def _tiny(norm: bool = False, seed: int = 0) -> nn.Module:
@@ -684,39 +689,80 @@ def test_task_threads_errors_reach_the_caller_and_bad_values_are_config_errors()
     bad = mt.TaskBatch(batch.support_x[..., :3], batch.support_y, batch.query_x[..., :3],
                        batch.query_y, n_way=batch.n_way)
     learner = mt.MAML(m, inner_lr=0.1, vectorize=False, task_threads=2)
+    assert learner.plan(bad).threads == 2
     threads = torch.get_num_threads()
     with pytest.raises(TaskError, match="could not run on this batch"):
         learner.meta_loss(bad)
     assert torch.get_num_threads() == threads
-    for value in (0, -1, "many", 1.5):
+    for value in (0, -1, "many", 1.5, True):
         with pytest.raises(ConfigError, match="task_threads"):
             mt.MAML(m, task_threads=value)
-    # auto: the caller's thread count on the CPU
-    assert mt.MAML(m, task_threads="auto")._threads(torch.device("cpu")) == threads
-    # ... but one thread for a model with active dropout (seeded runs must repeat)
-    drop = mt.TokenTransformer(vocab_size=20, max_len=6, n_classes=3, d_model=16, n_heads=2,
-                               n_layers=1, d_ff=32, dropout=0.2)
-    assert mt.MAML(drop, task_threads="auto")._threads(torch.device("cpu")) == 1
-    assert mt.MAML(drop.eval(), task_threads="auto")._threads(torch.device("cpu")) == threads
-    assert mt.MAML(m, task_threads=4)._threads(torch.device("cuda")) == 1
+
+
+def _threads_planned(model, batch, **kw) -> int:
+    with _torch_threads(4):
+        return mt.MAML(model, inner_lr=0.1, vectorize=False, **kw).plan(batch).threads
+
+
+@contextmanager
+def _torch_threads(n):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_task_threads_are_on_by_default_where_they_are_safe():
+    """The default, auto: every torch thread (never more than tasks) on the CPU when training
+    task by task; one thread for models with active dropout (seeded runs must repeat), with
+    module hooks (they would fire on the workers' copies of the modules), on CUDA, while
+    attention is recorded, checkpointed, in evaluation, and with per_task_backward=False."""
+    m, batch = make("mlp", T=3)
+    assert mt.MAML(m).task_threads == "auto"
+    assert _threads_planned(m, batch) == 3  # 4 torch threads, 3 tasks
+    assert _threads_planned(m, make("mlp", T=8)[1]) == 4
+    assert _threads_planned(m, batch, task_threads=2) == 2
+    assert _threads_planned(m, batch, checkpoint=True) == 1
+    assert _threads_planned(m, batch, per_task_backward=False) == 1
+    with _torch_threads(4):
+        assert mt.MAML(m, vectorize=False).plan(batch, train=False).threads == 1
+        with mt.record_attention():
+            assert mt.MAML(m, vectorize=False).plan(batch).threads == 1
+    drop, tb = make("transformer", T=3)
+    drop.encoder.layers[0].drop.p = 0.2
+    drop.train()
+    assert _threads_planned(drop, tb) == 1
+    assert _threads_planned(drop.eval(), tb) == 3
+    hooked = copy.deepcopy(m)
+    handle = next(hooked.children()).register_forward_hook(lambda *a: None)
+    assert _threads_planned(hooked, batch) == 1
+    handle.remove()
+    assert _threads_planned(hooked, batch) == 3
+    opts = MAMLOptions(task_threads=4)
+    cuda = plan_module.make_plan(opts, plan_module.ModelFacts(), plan_module.Call(
+        device="cuda", num_tasks=8, per_task_loss=True, cpu_threads=4))
+    assert cuda.threads == 1 and cuda.vmap
 
 
 def test_task_threads_keep_few_tasks_in_flight_and_never_more_threads_than_tasks():
     """A finished task holds a whole meta-gradient: at most 2 per worker may wait for the
-    (slow) caller; a one-task batch runs on the caller's thread; the default is off."""
+    (slow) caller; a one-task batch runs on the caller's thread."""
     import threading
     import time
     from contextlib import ExitStack
 
+    from metattn.meta.maml.execution import threads
+
     m, batch = make("mlp", T=1)
-    learner = mt.MAML(m, inner_lr=0.1, vectorize=False, task_threads=2)
     started, seen = [], []
 
     def unit(t):
         started.append(t)
         return t
 
-    for r in learner._in_threads(unit, 20, 2, ExitStack):
+    for r in threads.runner(m, 2, ExitStack)(unit, 20):
         time.sleep(0.005)  # a slow consumer: unbounded workers would run far ahead
         assert len(started) - len(seen) <= 5
         seen.append(r)
@@ -729,50 +775,46 @@ def test_task_threads_keep_few_tasks_in_flight_and_never_more_threads_than_tasks
             return x
 
     probe = nn.Sequential(nn.Linear(4, 3), Probe())
-    loss, _ = mt.MAML(probe, inner_lr=0.1, vectorize=False, task_threads=2).meta_loss(batch)
+    learner = mt.MAML(probe, inner_lr=0.1, vectorize=False, task_threads=2)
+    assert learner.plan(batch).threads == 1
+    loss, _ = learner.meta_loss(batch)
     loss.backward()
     assert names and all(n == threading.current_thread().name for n in names)
-    assert mt.MAML(m).task_threads == 1
 
 
-def test_auto_vectorize_picks_the_threaded_loop_for_transformers_on_the_cpu(monkeypatch):
+def test_auto_vectorize_picks_the_threaded_loop_for_transformers_on_the_cpu():
     """vectorize="auto" on the CPU: the loop for conv nets, and for attention models when
     task threads run it (training task by task); vmap for MLPs (threads or not), and for
-    attention on one thread, in evaluation and on the checkpointed path."""
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    tr = mt.TokenTransformer(vocab_size=20, max_len=6, n_classes=3, d_model=16, n_heads=2,
-                             n_layers=1, d_ff=32)
-    mlp = mt.MLP(1, [8], 1)
-    conv = mt.Conv4(1, 3, hidden=4, image_size=28)
-    assert mt.MAML(tr)._use_vmap(cpu, loop_threads=1)
-    assert not mt.MAML(tr)._use_vmap(cpu, loop_threads=2)
-    assert mt.MAML(tr)._use_vmap(cuda, loop_threads=2)
-    assert mt.MAML(mlp)._use_vmap(cpu, loop_threads=2)
-    assert not mt.MAML(conv)._use_vmap(cpu)
-    torch_mha = nn.Sequential(nn.Linear(4, 4))
-    torch_mha.attn = nn.MultiheadAttention(4, 2)
-    assert not mt.MAML(torch_mha)._use_vmap(cpu, loop_threads=2)
-    assert mt.MAML(tr, vectorize=True)._use_vmap(cpu, loop_threads=2)
-    # which path each call takes
-    paths = []
-    use_vmap, threads = mt.MAML._use_vmap, mt.MAML._in_threads
+    attention on one thread, in evaluation and on the checkpointed path. Each plan is what
+    runs: the threaded loop's forwards run on the workers."""
+    import threading
 
-    def spy(self, *a, **k):
-        vmapped = use_vmap(self, *a, **k)
-        paths.append("vmap" if vmapped else "loop")
-        return vmapped
-
-    monkeypatch.setattr(mt.MAML, "_use_vmap", spy)
-    monkeypatch.setattr(mt.MAML, "_in_threads",
-                        lambda self, *a, **k: paths.append("threads") or threads(self, *a, **k))
-    batch = mt.TaskBatch(torch.randint(0, 20, (3, 6, 6)), torch.arange(3).repeat(3, 2),
-                         torch.randint(0, 20, (3, 3, 6)), torch.arange(3).repeat(3, 1), n_way=3)
-    for kw, want in (({}, ["loop", "threads"]), ({"checkpoint": True}, ["vmap"]),
-                     ({"per_task_backward": False}, ["vmap"]), ({"task_threads": 1}, ["vmap"])):
-        paths.clear()
-        learner = mt.MAML(tr, inner_lr=0.1, inner_steps=1, **{"task_threads": 2, **kw})
+    tr, batch = make("transformer", T=3)
+    mlp, mb = make("mlp", T=3)
+    conv, cb = make("conv_bn", T=3)
+    with _torch_threads(2):
+        assert str(mt.MAML(tr).plan(batch)) == "loop, backward per task, 2 task threads"
+        assert str(mt.MAML(tr, task_threads=1).plan(batch)) == "vmap"
+        assert str(mt.MAML(mlp).plan(mb)) == "vmap"
+        assert mt.MAML(conv, task_threads=1).plan(cb).vmap is False
+        torch_mha = nn.Sequential(nn.Linear(4, 4))
+        torch_mha.attn = nn.MultiheadAttention(4, 2)
+        assert not mt.MAML(torch_mha).plan(mb).vmap
+        assert mt.MAML(tr, vectorize=True).plan(batch).vmap
+        for kw, want in (({"checkpoint": True}, "vmap, checkpoint"),
+                         ({"per_task_backward": False}, "vmap"),
+                         ({"chunk_size": 2, "vectorize": True},
+                          "vmap, chunks of 2, backward per chunk")):
+            assert str(mt.MAML(tr, **kw).plan(batch)) == want, kw
+        assert str(mt.MAML(tr).plan(batch, train=False)) == "vmap"
+        facts = plan_module.ModelFacts(has_attention=True)
+        cuda = plan_module.Call(device="cuda", num_tasks=3, per_task_loss=True, cpu_threads=2)
+        assert plan_module.make_plan(MAMLOptions(), facts, cuda).vmap
+        # the plan is what runs
+        seen = []
+        tr.encoder.layers[0].attn.register_forward_pre_hook(
+            lambda *a: seen.append(threading.current_thread().name))
+        learner = mt.MAML(tr, inner_lr=0.1, task_threads=2)
+        assert learner.plan(batch).threads == 2  # (explicit threads: hooks do not stop them)
         learner.meta_loss(batch)[0].backward()
-        assert paths == want, kw
-    paths.clear()
-    learner.evaluate(batch)
-    assert paths == ["vmap"]
+        assert seen and all(n.startswith("metattn-task") for n in seen)

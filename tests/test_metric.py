@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import metattn.builders_vision  # noqa: F401  (registers the metric learners)
+import metattn.builders  # noqa: F401  (registers the built-in kinds)
 from metattn.data.tasks import TaskBatch
 from metattn.errors import ConfigError, TaskError
 from metattn.meta.metric import FEAT, MatchingNet, ProtoNet, SetToSet
@@ -630,7 +630,7 @@ def test_recipe_evaluation_turns_dropout_off_and_keeps_the_rng():
     """FEAT has dropout in its set-to-set layer: the recipe's evaluation must run it in eval
     mode (same numbers every time, whatever the random state), leave the training RNG stream
     where it was, and restore the learner's mode."""
-    from metattn.train import evaluate
+    from metattn.recipe import evaluate
 
     torch.manual_seed(0)
     model = Conv4(1, 5, hidden=8)
@@ -653,7 +653,7 @@ def test_diverged_tasks_leave_every_metric():
     """A task with a non-finite loss is counted as diverged in every metric, not averaged in
     (its NaN logits would otherwise score 1/n_way accuracy)."""
     from metattn.meta.base import Learner
-    from metattn.train import evaluate
+    from metattn.recipe import evaluate
 
     class Fixed(Learner):
         def meta_loss(self, batch, loss_fn=None, step=None):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-import metattn.builders_vision  # noqa: F401  (registers the omniglot task builder)
+import metattn.builders  # noqa: F401  (registers the built-in kinds)
 import metattn.data.omniglot as om
 from metattn.data.omniglot import OmniglotTasks, load_omniglot
 from metattn.errors import ConfigError, DataError, TaskError

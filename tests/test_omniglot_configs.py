@@ -15,7 +15,7 @@ import metattn.data.omniglot as om
 from metattn.config import load
 from metattn.meta.maml import MAML
 from metattn.meta.metric import FEAT, MatchingNet, ProtoNet
-from metattn.train import build
+from metattn.recipe import build
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("omniglot_*.yaml"))
@@ -138,7 +138,7 @@ def test_three_step_run_end_to_end(tmp_path, omniglot_data):
 @pytest.mark.parametrize("changes, name, paper", [
     ([], "MAML (10 test steps)", "95.8 ± 0.3"),
     (["learner.first_order=true"], "FO-MAML (10 test steps)", "89.4 ± 0.5"),
-    (["learner.adapt=[head]"], "ANIL (10 test steps)", "96.2 ± 0.5"),
+    (["learner.inner_params=[head]"], "ANIL (10 test steps)", "96.2 ± 0.5"),
     (["learner.learn_inner_lr=per_layer_step", "learner.msl_steps=100"],
      "MAML++ (10 test steps)", "97.65 ± 0.05"),
     (["learner.learn_inner_lr=per_param"], "Meta-SGD (10 test steps)", "-"),

@@ -67,7 +67,7 @@ def test_muon_groups_follow_torch_muon(shape):
 def test_split_on_the_library_models():
     """Hidden matrices and filters get Muon; input layers, heads, positions and Meta-SGD's
     learned rates keep Adam."""
-    from metattn.train import build
+    from metattn.recipe import build
 
     def names(path: str, *sets: str) -> set[str]:
         _, _, learner = build(load(path, list(sets)), torch.device("cpu"))
@@ -110,7 +110,7 @@ def test_state_dict_round_trip_continues_identically():
 
 
 def test_recipe_option_and_cuda_graph_refusal(tmp_path):
-    from metattn.train import build, make_optimizer
+    from metattn.recipe import build, make_optimizer
 
     cfg = load("configs/icl_linear_d5_cpu.yaml", ["train.optimizer=muon"])
     _, _, learner = build(cfg, torch.device("cpu"))
@@ -120,8 +120,13 @@ def test_recipe_option_and_cuda_graph_refusal(tmp_path):
     opt.step()  # (no gradients yet: nothing moves)
     sched.step()
     assert {g["lr"] for g in opt.param_groups} == {sched.get_last_lr()[0]}
-    with pytest.raises(ConfigError, match="muon cannot be captured"):
-        load("configs/omniglot_5w1s_maml_gpu60s.yaml", ["train.optimizer=muon"])
+    from metattn.recipe import build_learner
+    from metattn.recipe.cuda_graph import cuda_graph_blockers
+
+    gpu = load("configs/omniglot_5w1s_maml_gpu60s.yaml", ["train.optimizer=muon"])
+    why = cuda_graph_blockers(gpu, build_learner(gpu), torch.device("cuda", 0), 1)
+    assert why == ["train.cuda_graph=true needs train.optimizer adam or adamw (built with "
+                   "capturable=True); muon cannot be captured here"]
 
 
 def test_weight_average_follows_its_formula_and_swaps_back() -> None:

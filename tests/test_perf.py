@@ -10,7 +10,7 @@ import torch
 
 from metattn import MAML, MLP, SinusoidTasks
 from metattn.errors import ConfigError, TaskError
-from metattn.perf import CUDAGraphStep
+from metattn.recipe import CUDAGraphStep
 
 
 def _learner() -> MAML:
@@ -115,7 +115,7 @@ def test_graph_step_captures_chunked_classification_on_cuda():
 
 def test_recipe_refuses_cuda_graph_where_it_cannot_run(tmp_path):
     from metattn.config import from_dict
-    from metattn.train import train
+    from metattn.recipe import train
 
     base = {"name": "g", "task": {"kind": "sinusoid", "k_shot": 5, "k_query": 5},
             "model": {"kind": "mlp", "hidden": [8]},
@@ -125,8 +125,9 @@ def test_recipe_refuses_cuda_graph_where_it_cannot_run(tmp_path):
     with pytest.raises(ConfigError, match="train.cuda_graph=false on the CPU"):
         train(from_dict(base), tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before anything was written
-    with pytest.raises(ConfigError, match="optimizer adam or adamw"):
-        from_dict({**base, "train": {**base["train"], "optimizer": "sgd"}})
+    with pytest.raises(ConfigError, match="on the CPU.*\n.*optimizer adam or adamw"):
+        train(from_dict({**base, "train": {**base["train"], "optimizer": "sgd"}}),
+              tmp_path / "sgd")
     icl = {**base, "task": {"kind": "linear", "d": 4, "k_shot": 8, "k_query": 1,
                             "curriculum": {"d_start": 2, "every": 5}}}
     with pytest.raises(ConfigError, match="task.curriculum"):
@@ -163,7 +164,7 @@ def test_recipe_with_cuda_graph_follows_the_eager_run(tmp_path):
     import json
 
     from metattn.config import from_dict
-    from metattn.train import train
+    from metattn.recipe import train
 
     def cfg(graph: bool):
         return from_dict({
@@ -209,7 +210,8 @@ def test_recipe_with_cuda_graph_follows_the_eager_run(tmp_path):
 
 
 def test_deferred_nan_check_names_the_first_bad_step(tmp_path):
-    from metattn.train import TrainingError, _check_window
+    from metattn.errors import TrainingError
+    from metattn.recipe.step import check_replayed as _check_window
 
     ok = [torch.tensor(1.0), torch.tensor(0.5)]
     _check_window(ok, 12, tmp_path)

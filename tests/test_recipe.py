@@ -18,8 +18,8 @@ import yaml
 from metattn import checkpoint
 from metattn.cli import main
 from metattn.config import from_dict, load
-from metattn.errors import CheckpointError, ConfigError
-from metattn.train import TimeBudget, TrainingError, train
+from metattn.errors import CheckpointError, ConfigError, TrainingError
+from metattn.recipe import TimeBudget, train
 
 TINY = {
     "name": "tiny",
@@ -242,7 +242,7 @@ def test_cosine_starts_at_the_base_rate_after_the_warm_up(tmp_path):
 def test_cosine_warm_up_never_fills_the_horizon():
     # a warm-up as long as the run (or a time budget that shrank the horizon below it) would
     # end the run at its highest rate: the warm-up takes at most half a cosine horizon
-    from metattn.train import make_optimizer
+    from metattn.recipe import make_optimizer
 
     for steps, warm in ((6, 10), (7, 6), (100, 10)):
         cfg = load_tiny(train__steps=steps, train__warmup_steps=warm, train__schedule="cosine")
@@ -329,7 +329,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     cfg = load(write_cfg(tmp_path))
     out = tmp_path / "r"
-    import metattn.train as recipe
+    import metattn.recipe.loop as recipe
 
     real_build = recipe.build
     holder = {}

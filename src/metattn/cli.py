@@ -18,17 +18,17 @@ from metattn.errors import MetattnError
 
 def _tune_allocator(args: argparse.Namespace) -> None:
     """The CLI owns its process, so it keeps freed CPU memory in it (see
-    :func:`metattn.perf.tune_cpu_allocator`; 1.5x faster Conv-4 steps on 2 CPU cores) unless
+    :func:`metattn.allocator.tune_cpu_allocator`; 1.5x faster Conv-4 steps on 2 CPU cores) unless
     ``--no-malloc-tune`` or ``METATTN_MALLOC_TUNE=0`` says otherwise."""
     if args.malloc_tune and os.environ.get("METATTN_MALLOC_TUNE", "1") != "0":
-        from metattn.perf import tune_cpu_allocator
+        from metattn.allocator import tune_cpu_allocator
 
         tune_cpu_allocator()
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from metattn.config import load
-    from metattn.train import train
+    from metattn.recipe import train
 
     cfg = load(args.config, args.set)
     _tune_allocator(args)
@@ -54,7 +54,7 @@ def _print_summary(summary: dict, out: Path) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from metattn.train import evaluate_run
+    from metattn.recipe import evaluate_run
 
     _tune_allocator(args)
     summary = evaluate_run(args.run_dir, args.episodes, args.device, args.threads, args.set)
@@ -64,6 +64,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_kinds(args: argparse.Namespace) -> int:
+    import metattn.builders  # noqa: F401  (registers the built-in kinds)
     from metattn import registry
 
     print(json.dumps({g: registry.kinds(g) for g in ("task", "model", "learner")}, indent=1))

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
+import metattn.builders  # noqa: F401  (registers the built-in kinds)
 from metattn import registry
 from metattn.errors import ConfigError
 
@@ -56,11 +57,14 @@ class TrainConfig:
     autocast: Literal["none", "bf16", "fp16"] = "none"
     tf32: bool = True
     # CUDA only, one process: each meta-step is replayed from a CUDA graph
-    # (metattn.perf.CUDAGraphStep; Adam/AdamW with capturable=True). On an H100 a recipe
+    # (metattn.recipe.CUDAGraphStep; Adam/AdamW with capturable=True). On an H100 a recipe
     # step of Omniglot MAML (Conv-4, meta-batch 32) took 25.5 ms this way, 41 ms eagerly.
     cuda_graph: bool = False
     tensorboard: bool = True
     progress: bool = True
+    # PNG plots at the end of the run (training curves; adapted predictions where the task
+    # family can be drawn)
+    plots: bool = True
 
 
 @dataclass
@@ -107,7 +111,7 @@ def _check_fields(section: str, cls: type, data: dict[str, Any]) -> dict[str, An
             hint = f"did you mean {close[0]!r}? " if close else ""
             where = f"{section}.{key}" if section else key
             raise ConfigError(f"{where}: unknown key; {hint}valid keys: {sorted(names)}")
-        if not registry._type_ok(value, hints[key]) and not dataclasses.is_dataclass(hints[key]):
+        if not registry.type_ok(value, hints[key]) and not dataclasses.is_dataclass(hints[key]):
             where = f"{section}.{key}" if section else key
             raise ConfigError(
                 f"{where}: got {value!r} ({type(value).__name__}), expected {hints[key]}; "
@@ -206,9 +210,6 @@ def _check_numbers(cfg: RunConfig) -> None:
         except RuntimeError as err:
             raise ConfigError(f"train.device={t.device!r} is not a device ({err}); use auto, "
                               "cpu, cuda or cuda:N") from err
-    if t.cuda_graph and t.optimizer in ("sgd", "muon"):
-        raise ConfigError(f"train.cuda_graph=true needs train.optimizer adam or adamw (built "
-                          f"with capturable=True); {t.optimizer} cannot be captured here")
     if t.autocast == "fp16":
         raise ConfigError("train.autocast='fp16' has no loss scaling here (small gradients, "
                           "the inner loop's included, would underflow to zero); use 'bf16'")

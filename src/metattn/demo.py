@@ -19,59 +19,23 @@ from typing import Any
 import torch
 
 from metattn.config import load
+from metattn.data.synthetic import SinusoidTasks
 from metattn.errors import MetattnError
+from metattn.plots import learner_curves, sinusoid_panels
+from metattn.recipe import load_run, pick_device, train
 from metattn.reports import fmt, print_table, sinusoid_mse_vs_shots
-from metattn.train import build, pick_device, train
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CONFIG = CONFIGS / "sinusoid_maml_quick.yaml"
 ICL_CONFIG = CONFIGS / "sinusoid_icl_quick.yaml"
 
 
-def _trained(cfg: Any, run_dir: Path) -> Any:
-    from metattn import checkpoint
-
-    _, _, learner = build(cfg, pick_device(cfg.train.device))
-    tensors, state = checkpoint.load(run_dir)
-    checkpoint.restore(tensors, state, learner)
-    return learner.eval()  # tables and plots without dropout, as the recipe evaluates
-
-
-def plot_maml_vs_icl(maml: Any, icl: Any, path: Path, k_shot: int = 10, n_tasks: int = 4,
+def plot_maml_vs_icl(maml: Any, icl: Any, path: Path, k_shot: int = 10,
                      seed: int = 20240) -> Path:
-    """PNG: on ``n_tasks`` seeded test sinusoids with ``k_shot`` support points, the ground
-    truth, MAML's adapted curve (after its ``eval_inner_steps`` steps) and the in-context
-    learner's prediction (one forward pass over the prompt)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from metattn.data.synthetic import SinusoidTasks, finish_panel, save_figure
-
-    tasks = SinusoidTasks(k_shot=k_shot, k_query=1)
-    batch = tasks.sample(n_tasks, torch.Generator().manual_seed(seed))
-    grid = torch.linspace(*tasks.x_range, 200).view(-1, 1)
-    fig, axes = plt.subplots(1, n_tasks, figsize=(4 * n_tasks, 3.4), squeeze=False)
-    for t, ax in enumerate(axes[0]):
-        sx, sy = batch.support_x[t], batch.support_y[t]
-        truth = tasks.function(grid, batch.info["amplitude"][t], batch.info["phase"][t])
-        ax.plot(grid, truth, "k-", lw=2, label="ground truth")
-        p = next(maml.parameters())
-        with torch.no_grad():
-            before = maml.adapt(sx.to(p), sy.to(p), steps=0)(grid.to(p)).cpu()
-        ax.plot(grid, before, ":", color="tab:gray", label="MAML init")
-        with torch.no_grad():
-            after = maml.adapt(sx.to(p), sy.to(p))(grid.to(p)).cpu()
-        ax.plot(grid, after, "--", color="tab:red", lw=2,
-                label=f"MAML, {maml.eval_inner_steps} steps")
-        q = next(icl.parameters())
-        pred = icl.adapt(sx.to(q), sy.to(q))(grid.to(q)).cpu()
-        ax.plot(grid, pred, "-", color="tab:green", lw=2, alpha=0.85,
-                label="in-context, forward pass")
-        finish_panel(ax, sx, sy, batch, t)
-    save_figure(fig, axes, path)
-    return path
+    """PNG: on seeded test sinusoids with ``k_shot`` support points, the ground truth, MAML's
+    initialisation and adapted curve, and the in-context learner's prediction."""
+    curves = learner_curves(maml, "MAML") + learner_curves(icl, "in-context")
+    return sinusoid_panels(SinusoidTasks(k_shot=k_shot, k_query=1), curves, path, seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
     summary = train(cfg, out / "maml")
     device = pick_device(cfg.train.device)
     maml_seconds = time.time() - t0
-    learner = _trained(cfg, out / "maml")
+    _, learner = load_run(out / "maml")
     shots = (5, 10, 20)
     table = sinusoid_mse_vs_shots(learner, shots=shots, steps=(1, 10))
     columns = ["support K", "MAML: after 1 step", "MAML: after 10 steps"]
@@ -120,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
         t1 = time.time()
         assert icfg is not None
         isum = train(icfg, out / "icl")
-        icl = _trained(icfg, out / "icl")
+        _, icl = load_run(out / "icl")
         icl_seconds = time.time() - t1
         itable = sinusoid_mse_vs_shots(icl, shots=shots, steps=(1,))
         columns.append("in-context: forward pass")

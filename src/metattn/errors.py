@@ -29,3 +29,7 @@ class DataError(MetattnError, ValueError):
 
 class CheckpointError(MetattnError, RuntimeError):
     """A checkpoint is missing, corrupt or belongs to an incompatible run."""
+
+
+class TrainingError(MetattnError, RuntimeError):
+    """Meta-training cannot go on (a non-finite meta-loss, say); saved work is kept."""

@@ -1,14 +1,27 @@
-"""Plots written by the recipe (PNG, headless matplotlib)."""
+"""Plots written by the recipe and the demo (PNG, headless matplotlib).
+
+Set ``train.plots: false`` to skip them (tests do).
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from metattn.data.synthetic import SinusoidTasks  # noqa: E402
+from metattn.meta.maml import MAML  # noqa: E402
+
+# (label, matplotlib style, predict(support_x, support_y, x) -> y) for one task
+Curve = tuple[str, dict[str, Any], Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                                            torch.Tensor]]
 
 
 def training_curves(metrics_path: Path, out: Path) -> Path | None:
@@ -40,3 +53,61 @@ def training_curves(metrics_path: Path, out: Path) -> Path | None:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def learner_curves(learner: Any, name: str = "") -> list[Curve]:
+    """How a learner predicts a task from its support set: a MAML-family learner before
+    adapting (its meta-learned initialisation) and after ``eval_inner_steps`` steps; any
+    other learner after its ``adapt`` (a forward pass for the in-context learner)."""
+    who = f"{name}, " if name else ""
+    if not isinstance(learner, MAML):
+        label = f"{who}forward pass" if name else "adapted"
+        return [(label, {"color": "tab:green", "lw": 2, "alpha": 0.85},
+                 _predictor(learner))]
+    return [(f"{name or 'meta-learned'} init", {"ls": ":", "color": "tab:gray"},
+             _predictor(learner, steps=0)),
+            (f"{who}after {learner.eval_inner_steps} steps",
+             {"ls": "--", "color": "tab:red", "lw": 2}, _predictor(learner))]
+
+
+def _predictor(learner: Any, **adapt: Any) -> Callable[..., torch.Tensor]:
+    """``(support_x, support_y, x) -> y`` on the CPU, run on the learner's device and dtype."""
+    p = next(learner.parameters())
+
+    def predict(sx: torch.Tensor, sy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return learner.adapt(sx.to(p), sy.to(p), **adapt)(x.to(p)).float().cpu()
+
+    return predict
+
+
+def sinusoid_panels(tasks: SinusoidTasks, curves: Sequence[Curve], path: Path,
+                    seed: int = 0, n_tasks: int = 4) -> Path:
+    """PNG: on ``n_tasks`` seeded sinusoids, the ground truth, the support points and each
+    curve (predicted on a grid from the task's support set)."""
+    batch = tasks.sample(n_tasks, torch.Generator().manual_seed(seed))
+    grid = torch.linspace(*tasks.x_range, 200).view(-1, 1)
+    fig, axes = plt.subplots(1, n_tasks, figsize=(4 * n_tasks, 3.4), squeeze=False)
+    for t, ax in enumerate(axes[0]):
+        sx, sy = batch.support_x[t], batch.support_y[t]
+        amp, phase = batch.info["amplitude"][t], batch.info["phase"][t]
+        ax.plot(grid, tasks.function(grid, amp, phase), "k-", lw=2, label="ground truth")
+        for label, style, predict in curves:
+            ax.plot(grid, predict(sx, sy, grid), label=label, **style)
+        ax.plot(sx, sy, "^", color="tab:blue", ms=7, label=f"{sx.shape[0]} support points")
+        ax.set_title(f"A={float(amp):.2f}, phase={float(phase):.2f}")
+        ax.set_ylim(-5.5, 5.5)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def adaptation(tasks: Any, learner: Any, path: Path, seed: int = 0) -> Path | None:
+    """The recipe's ``adaptation.png`` for task families that can be drawn (sinusoids: the
+    learner's curves against the truth); None for the others."""
+    if not isinstance(tasks, SinusoidTasks):
+        return None
+    return sinusoid_panels(tasks, learner_curves(learner), path, seed)

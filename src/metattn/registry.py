@@ -2,8 +2,12 @@
 
 A config section such as ``learner: {kind: maml, inner_lr: 0.4}`` is built by calling the
 builder registered as ``("learner", "maml")`` with the remaining keys as keyword arguments.
-The builder's signature IS the schema: an unknown key, a missing required key or a value of
-the wrong type raises :class:`~metattn.errors.ConfigError` naming the key and the fix.
+The builder's signature IS the schema (or, for a builder registered with ``options=``, that
+dataclass's fields): an unknown key, a missing required key or a value of the wrong type
+raises :class:`~metattn.errors.ConfigError` naming the key and the fix.
+
+This module is the mechanism only: the built-in kinds register themselves when
+:mod:`metattn.builders` is imported (:mod:`metattn.config` does).
 
 Builders per group:
 
@@ -14,6 +18,7 @@ Builders per group:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import types
@@ -28,12 +33,17 @@ _REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {"task": {}, "model": {}, 
 _SUPPLIED = {"task": ("split",), "model": (), "learner": ("model",)}
 
 
-def register(group: str, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: register ``fn`` as the builder of ``kind: name`` in ``group``."""
+def register(group: str, name: str, options: type | None = None
+             ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register ``fn`` as the builder of ``kind: name`` in ``group``. ``options``: a
+    dataclass whose fields are the section's keys (``fn`` then takes them as ``**options``);
+    fields with ``metadata={"config": False}`` are left out."""
     if group not in _REGISTRY:
         raise ValueError(f"unknown registry group {group!r}; choose from {sorted(_REGISTRY)}")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if options is not None:
+            fn.__options__ = options  # type: ignore[attr-defined]
         _REGISTRY[group][name] = fn
         return fn
 
@@ -42,13 +52,11 @@ def register(group: str, name: str) -> Callable[[Callable[..., Any]], Callable[.
 
 def kinds(group: str) -> list[str]:
     """Registered names of a group."""
-    _load_builtins()
     return sorted(_REGISTRY[group])
 
 
 def get_builder(group: str, kind: str) -> Callable[..., Any]:
     """The builder for ``kind`` in ``group``, or a ConfigError suggesting the nearest name."""
-    _load_builtins()
     table = _REGISTRY[group]
     if not isinstance(kind, str):
         raise ConfigError(f"{group}.kind: got {kind!r}; give one name from {sorted(table)}")
@@ -61,19 +69,20 @@ def get_builder(group: str, kind: str) -> Callable[..., Any]:
     return table[kind]
 
 
-def _ann_name(ann: Any) -> str:
+def ann_name(ann: Any) -> str:
     """``int``, ``list[int]``, ``dict[str, int]``: an annotation as a user would write it."""
     if isinstance(ann, type) and not typing.get_args(ann):
         return ann.__name__
     return str(ann).replace("typing.", "")
 
 
-def _type_ok(value: Any, ann: Any) -> bool:
+def type_ok(value: Any, ann: Any) -> bool:
+    """Whether ``value`` (parsed YAML) fits the annotation ``ann``."""
     if ann is inspect.Parameter.empty or ann is Any:
         return True
     origin = typing.get_origin(ann)
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(ann))
+        return any(type_ok(value, a) for a in typing.get_args(ann))
     if ann is type(None):
         return value is None
     if origin is typing.Literal:
@@ -83,13 +92,13 @@ def _type_ok(value: Any, ann: Any) -> bool:
             return False
         args = [a for a in typing.get_args(ann) if a is not Ellipsis]
         if origin is tuple and len(args) > 1:  # tuple[int, str]: one type per position
-            return len(value) == len(args) and all(map(_type_ok, value, args))
-        return not args or all(_type_ok(v, args[0]) for v in value)
+            return len(value) == len(args) and all(map(type_ok, value, args))
+        return not args or all(type_ok(v, args[0]) for v in value)
     if origin is dict or ann is dict:
         if not isinstance(value, dict):
             return False
         args = typing.get_args(ann)
-        return len(args) != 2 or all(_type_ok(k, args[0]) and _type_ok(v, args[1])
+        return len(args) != 2 or all(type_ok(k, args[0]) and type_ok(v, args[1])
                                      for k, v in value.items())
     if ann is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -100,36 +109,51 @@ def _type_ok(value: Any, ann: Any) -> bool:
     return True
 
 
-def check_options(group: str, kind: str, options: dict[str, Any]) -> None:
-    """Validate ``options`` against the builder's signature; raise ConfigError on a problem."""
+REQUIRED = inspect.Parameter.empty  # the default of a key that has none
+
+
+def schema(group: str, kind: str) -> tuple[dict[str, tuple[Any, Any]], bool]:
+    """A kind's config keys as ``{key: (annotation, default or REQUIRED)}``, and whether it
+    takes other keys too (a ``**kwargs`` builder without an options dataclass)."""
     fn = get_builder(group, kind)
-    sig = inspect.signature(fn)
+    options = getattr(fn, "__options__", None)
+    if options is not None:
+        hints = typing.get_type_hints(options)
+        return {f.name: (hints[f.name], f.default if f.default is not dataclasses.MISSING
+                         else REQUIRED)
+                for f in dataclasses.fields(options) if f.metadata.get("config", True)}, False
     try:
         hints = typing.get_type_hints(fn)
     except Exception:  # pragma: no cover - unresolvable annotations: skip type checks
         hints = {}
-    params = {n: p for n, p in sig.parameters.items() if n not in _SUPPLIED[group]}
-    has_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    named = [n for n, p in params.items() if p.kind is not p.VAR_KEYWORD]
+    params = {n: p for n, p in inspect.signature(fn).parameters.items()
+              if n not in _SUPPLIED[group]}
+    keys = {n: (hints.get(n, p.annotation), p.default) for n, p in params.items()
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return keys, any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def check_options(group: str, kind: str, options: dict[str, Any]) -> None:
+    """Validate ``options`` against the kind's schema; raise ConfigError on a problem."""
+    keys, open_ended = schema(group, kind)
     for key, value in options.items():
-        if key not in params:
-            if has_var_kw:
+        if key not in keys:
+            if open_ended:
                 continue
-            close = difflib.get_close_matches(key, named, n=1)
+            close = difflib.get_close_matches(key, list(keys), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ConfigError(
                 f"{group}.{key}: unknown key for {group}.kind={kind!r}; {hint}"
-                f"valid keys: {sorted(named)}"
+                f"valid keys: {sorted(keys)}"
             )
-        ann = hints.get(key, params[key].annotation)
-        if not _type_ok(value, ann):
+        ann = keys[key][0]
+        if not type_ok(value, ann):
             raise ConfigError(
                 f"{group}.{key}: got {value!r} ({type(value).__name__}) but {kind!r} expects "
-                f"{_ann_name(ann)}; fix the value in the YAML or --set"
+                f"{ann_name(ann)}; fix the value in the YAML or --set"
             )
-    for n, p in params.items():
-        if p.default is p.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) \
-                and n not in options:
+    for n, (_, default) in keys.items():
+        if default is REQUIRED and n not in options:
             raise ConfigError(f"{group}.{n}: required by {group}.kind={kind!r} but missing")
 
 
@@ -141,15 +165,3 @@ def build(group: str, spec: dict[str, Any], *supplied: Any) -> Any:
         raise ConfigError(f"{group}.kind: missing; choose one of {kinds(group)}")
     check_options(group, kind, spec)
     return get_builder(group, kind)(*supplied, **spec)
-
-
-_LOADED = False
-
-
-def _load_builtins() -> None:
-    """Import the modules whose import registers the built-in builders."""
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    import metattn.builders  # noqa: F401

@@ -75,6 +75,8 @@ class Learner(nn.Module):
       (``loss`` and, for classification, ``accuracy``), no outer graph.
     * ``adapt(support_x, support_y, loss_fn=None) -> callable``: adapt to ONE task and return
       something that maps query inputs to predictions.
+    * ``capture_blockers()``: what keeps its meta-step out of a CUDA graph (none: it can be
+      captured, inside ``capturing()``, which turns host-side checks off).
     """
 
     def meta_loss(self, batch: TaskBatch, loss_fn: LossFn | None = None,
@@ -93,3 +95,15 @@ class Learner(nn.Module):
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor,
               loss_fn: LossFn | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
         raise NotImplementedError
+
+    def capture_blockers(self) -> list[tuple[str | None, str]]:
+        """Why a whole meta-step of this learner cannot be captured in a CUDA graph, as
+        (option, reason) pairs; empty when it can."""
+        return [(None, f"{type(self).__name__}.meta_loss checks its episodes on the host "
+                       "inside the step (which a CUDA graph cannot capture)")]
+
+    @contextmanager
+    def capturing(self) -> Iterator[None]:
+        """Inside, the meta-step reads no GPU value on the host (a CUDA graph is capturing
+        it); learners with host-side checks turn them off here."""
+        yield

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from metattn.data.functions import error_scale
-from metattn.data.tasks import TaskBatch, TaskSampler, fixed_episodes, mean_ci95
+from metattn.data.tasks import TaskSampler, fixed_episodes, mean_ci95
 from metattn.errors import ConfigError
 from metattn.meta.base import Learner, back_home, mse_loss, on_learner
 
@@ -140,23 +140,20 @@ def adapted_predict_fn(learner: Learner) -> PredictFn:
 
 
 def maml_predict_fn(learner: Learner, steps: int | None = None) -> PredictFn:
-    """A batched predictor from a MAML-family learner: every task of the batch adapts at
-    once (vmap where the learner uses it) with ``steps`` inner steps (default
-    ``eval_inner_steps``). With k = 0 (no support point) it predicts with the meta-learned
-    initialisation, the learner's best guess before seeing data. Prompts move to the
-    learner's device and dtype; predictions come back on the query's."""
+    """A batched predictor from a MAML-family learner (:meth:`MAML.predict`: every task of the
+    batch adapts at once) with ``steps`` inner steps (default ``eval_inner_steps``). With
+    k = 0 (no support point) it predicts with the meta-learned initialisation, the learner's
+    best guess before seeing data. Prompts move to the learner's device and dtype;
+    predictions come back on the query's."""
 
     def predict(sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
         n = learner.eval_inner_steps if steps is None else steps
         home = qx
         sx, sy, qx = on_learner(learner, sx, sy, qx)
-        qy = qx.new_zeros(*qx.shape[:2], sy.shape[-1])
         if sx.shape[1] == 0:  # nothing to adapt on: the initialisation (support unused)
-            sx, sy, n = qx, qy, 0
-        with torch.no_grad():
-            out = learner._run(TaskBatch(sx, sy, qx, qy), learner.loss_fn or mse_loss, n,
-                               True, [n])[2]
-        return back_home(out[:, -1], home)
+            sx, sy, n = qx, qx.new_zeros(*qx.shape[:2], sy.shape[-1]), 0
+        out = learner.predict(sx, sy, qx, steps=n, loss_fn=learner.loss_fn or mse_loss)
+        return back_home(out, home)
 
     return predict
 

@@ -11,6 +11,7 @@ from metattn.nn.attention import (
     scaled_dot_product_attention,
 )
 from metattn.nn.backbones import MLP, Conv4, TokenTransformer, ViT
+from metattn.nn.incontext import ICLTransformer
 
 __all__ = [
     "MultiHeadAttention",
@@ -25,4 +26,5 @@ __all__ = [
     "Conv4",
     "ViT",
     "TokenTransformer",
+    "ICLTransformer",
 ]

@@ -1,73 +1,51 @@
-"""Speed: a process-level CPU setting, and one whole meta-step in a CUDA graph.
+"""One whole meta-step in a CUDA graph: :class:`CUDAGraphStep`.
 
-:func:`tune_cpu_allocator` keeps freed memory in the process instead of handing it back to
-the OS. MAML allocates and frees the same large activation and graph tensors every
-meta-iteration; with glibc's defaults each large block is a fresh ``mmap`` that the kernel
-zero-fills page by page. Measured on 2 CPU cores (torch 2.13, 1 thread, Conv-4 5-way 1-shot,
-vmap over 16 tasks): 2.1 s of system time per meta-iteration (~600k page faults) on ~4 s of
-compute, gone after tuning; the per-task loop saves 2-8%. The cost: the process keeps its
-peak memory (RSS does not shrink after a large step). It changes the whole process, so the
-library never calls it by itself; the programs that own their process do: the ``metattn``
-command line (``--no-malloc-tune`` or ``METATTN_MALLOC_TUNE=0`` to opt out; runs record
-``malloc_tuned`` in summary.json) and the benchmarks (for every method alike). Measured for a
-ProtoNet training step of ``configs/omniglot_5w1s_protonet_cpu.yaml`` (Conv-4 forward and
-backward on 180 images, channels-last, Adam; 2 threads): 241-281 ms -> 176-193 ms.
+It captures a meta-step (meta-loss, the backward through the inner loop, the optimiser's
+step: :func:`~metattn.recipe.step.meta_step`, the recipe's own step body) in one CUDA graph and
+replays it. A MAML step launches thousands of small kernels (5437 for the transformer
+workload of ``benchmarks/throughput.py``), so eager PyTorch keeps the GPU waiting on Python.
+Measured there on one H100 (torch 2.11, TF32, median s per meta-iteration): transformer 0.135
+eager -> 0.0325 graphed, conv4 0.033 -> 0.025; the graphed meta-gradient equalled the eager
+one exactly (docs/performance.md).
 
-:class:`CUDAGraphStep` captures a whole meta-step (meta-loss, the backward through the inner
-loop, the optimiser's step) in one CUDA graph and replays it. A MAML step launches thousands of
-small kernels (5437 for the transformer workload of ``benchmarks/throughput.py``), so eager
-PyTorch keeps the GPU waiting on Python. Measured there on one H100 (torch 2.11, TF32, median
-s per meta-iteration): transformer 0.135 eager -> 0.0325 graphed, conv4 0.033 -> 0.025; the
-graphed meta-gradient equalled the eager one exactly (max difference 0). This class, run on an
-H100 (2026-11-27): its CUDA tests pass (skipped on CPU-only machines), conv4 0.0251 s (0.0324 s
-and 895 MB peak in chunks of 8 tasks), transformer 0.0325 s, parameter updates equal to the
-eager steps' exactly.
+Whether a run may use one is decided here, in :func:`cuda_graph_blockers`: the learner says
+what in it blocks a capture (:meth:`~metattn.meta.base.Learner.capture_blockers`), the run adds
+its own reasons (device, processes, optimiser, curriculum).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import sys
 from typing import Any
 
 import torch
 
 from metattn.data.tasks import TaskBatch
 from metattn.errors import ConfigError, TaskError
-
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_tuned = False
+from metattn.recipe.step import meta_step
 
 
-def tune_cpu_allocator() -> bool:
-    """Serve large CPU tensors from the heap and never trim it (glibc ``mallopt``).
-
-    Returns True when applied (Linux with glibc), False elsewhere (then nothing changes).
-    Idempotent. PyTorch's own knob for the same cost, ``THP_MEM_ALLOC_ENABLE=1`` (huge pages),
-    must be set in the environment before ``import torch``; this one works at any time.
-    """
-    global _tuned
-    if _tuned:
-        return True
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    # blocks up to 1 GiB come from the heap (not mmap), and the heap is never trimmed
-    ok = mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and mallopt(_M_TRIM_THRESHOLD, -1) == 1
-    _tuned = bool(ok)
-    return _tuned
-
-
-def cpu_allocator_tuned() -> bool:
-    """Whether :func:`tune_cpu_allocator` has been applied in this process."""
-    return _tuned
+def cuda_graph_blockers(cfg: Any, learner: Any, device: torch.device, world: int) -> list[str]:
+    """Why ``cfg`` cannot run with ``train.cuda_graph=true`` here (empty: it can), each reason
+    naming the config key and the fix. The one place that decides it: the learner's own
+    reasons (:meth:`~metattn.meta.base.Learner.capture_blockers`) and the run's."""
+    why = []
+    if device.type != "cuda" or world > 1:
+        why.append(f"train.cuda_graph=true replays the meta-step from a CUDA graph in one "
+                   f"process; this run has device {device} and {world} process(es): set "
+                   "train.cuda_graph=false" + ("" if device.type == "cuda" else " on the CPU"))
+    if cfg.train.optimizer not in ("adam", "adamw"):
+        why.append(f"train.cuda_graph=true needs train.optimizer adam or adamw (built with "
+                   f"capturable=True); {cfg.train.optimizer} cannot be captured here")
+    if cfg.task.get("curriculum"):
+        why.append("train.cuda_graph=true replays fixed episode shapes, but task.curriculum "
+                   "changes them during the run; set one of them off")
+    for key, reason in learner.capture_blockers():
+        where = (f"learner.{key}={getattr(learner, key)!r}" if key
+                 else f"learner.kind={cfg.learner.get('kind')!r}")
+        fix = f"set learner.{key} off or train.cuda_graph=false" if key \
+            else "set train.cuda_graph=false"
+        why.append(f"train.cuda_graph=true cannot replay {where}: {reason}; {fix}")
+    return why
 
 
 def _check_capturable(optimizer: torch.optim.Optimizer) -> None:
@@ -103,10 +81,8 @@ class CUDAGraphStep:
     under ``torch.autocast`` (with its weight cache off, as the CUDA-graph docs ask);
     ``grad_clip`` clips the gradients' total norm before the optimiser's step. Refused,
     with the reason: ``warmup < 1`` (the optimiser's state must exist before the capture, or
-    every replay would reset it), MAML++ schedules that change with the outer step
-    (``msl_steps``, ``second_order_start``: no step reaches a replay), ``checkpoint=True``
-    (its recomputation saves the CUDA RNG state, which a capture forbids) and
-    ``compile_inner`` (compiled steps are not captured).
+    every replay would reset it) and whatever the learner's
+    :meth:`~metattn.meta.base.Learner.capture_blockers` names.
     """
 
     def __init__(self, learner: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -118,21 +94,11 @@ class CUDAGraphStep:
                 f"CUDAGraphStep: warmup={warmup}; use warmup >= 1: the optimiser creates its "
                 "state (Adam's moments and step) on its first step, and a capture that made "
                 "it would reset it on every replay")
-        for key in ("msl_steps", "second_order_start"):
-            if getattr(learner, key, 0):
-                raise ConfigError(
-                    f"CUDAGraphStep: the learner's {key}={getattr(learner, key)} changes the "
-                    "meta-loss with the outer step, which a replayed graph cannot follow; set "
-                    f"{key}=0 or train with eager steps")
-        if getattr(learner, "checkpoint", False):
-            raise ConfigError(
-                "CUDAGraphStep: the learner has checkpoint=True, whose recomputed inner steps "
-                "save the CUDA RNG state, which a graph capture forbids; set checkpoint=False "
-                "or train with eager steps")
-        if getattr(learner, "compile_inner", False) is not False:
-            raise ConfigError(
-                "CUDAGraphStep: the learner has compile_inner set, and compiled steps are not "
-                "captured here; set compile_inner=False or train with eager steps")
+        for key, reason in learner.capture_blockers():
+            what = f"the learner's {key}={getattr(learner, key)!r}" if key else \
+                f"{type(learner).__name__}"
+            raise ConfigError(f"CUDAGraphStep: {what}: {reason}; "
+                              + (f"set {key} off or " if key else "") + "train with eager steps")
         self.learner, self.optimizer = learner, optimizer
         self.warmup, self.loss_fn, self.autocast = int(warmup), loss_fn, autocast
         self.grad_clip = grad_clip
@@ -144,10 +110,6 @@ class CUDAGraphStep:
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
-
-    def _eager(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        self.optimizer.zero_grad(set_to_none=True)
-        return self._body(batch)
 
     def _capture(self, batch: TaskBatch) -> None:
         self.static = TaskBatch(*(t.clone() for t in (batch.support_x, batch.support_y,
@@ -163,12 +125,9 @@ class CUDAGraphStep:
                 "raise warmup")
         had_state = set(self.optimizer.state)
         graph = torch.cuda.CUDAGraph()
-        checks = getattr(self.learner, "check_finite", None)
-        if checks:  # a NaN check reads the loss on the host: not allowed while capturing
-            self.learner.check_finite = False
         try:
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.cuda.graph(graph):
+            # host-side checks (MAML's NaN check) read GPU values: off while capturing
+            with self.learner.capturing(), torch.cuda.graph(graph):
                 self.loss, self.metrics = self._body(self.static, cache=False)
         except RuntimeError as err:
             if "captur" not in str(err).lower():
@@ -178,9 +137,6 @@ class CUDAGraphStep:
                 f"({err}); it reads a GPU value on the host (an .item(), a data-dependent "
                 "shape or a check). MAML-family learners capture; train this one with eager "
                 "steps") from err
-        finally:
-            if checks:
-                self.learner.check_finite = checks
         born = [p for p in self.optimizer.state if p not in had_state]
         if born:  # a parameter first used in the capture: its state would reset each replay
             raise ConfigError(
@@ -191,14 +147,8 @@ class CUDAGraphStep:
 
     def _body(self, batch: TaskBatch, cache: bool = True
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with torch.autocast("cuda", dtype=self.autocast, enabled=self.autocast is not None,
-                            cache_enabled=cache):
-            loss, metrics = self.learner.meta_loss(batch, self.loss_fn)
-        loss.backward()
-        if self.grad_clip:  # no host sync (error_if_nonfinite stays off): capturable
-            torch.nn.utils.clip_grad_norm_(self._params(), self.grad_clip)
-        self.optimizer.step()
-        return loss.detach(), {k: v.detach() for k, v in metrics.items()}
+        return meta_step(self.learner, self.optimizer, batch, loss_fn=self.loss_fn,
+                         autocast=self.autocast, cache=cache, grad_clip=self.grad_clip)
 
     def __call__(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if batch.support_x.device.type != "cuda":
@@ -210,7 +160,7 @@ class CUDAGraphStep:
             side = torch.cuda.Stream(batch.support_x.device)
             side.wait_stream(torch.cuda.current_stream(batch.support_x.device))
             with torch.cuda.stream(side):
-                out = self._eager(batch)
+                out = self._body(batch)
             torch.cuda.current_stream(batch.support_x.device).wait_stream(side)
             return out
         if self.graph is None:

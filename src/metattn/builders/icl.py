@@ -15,7 +15,8 @@ from metattn.data.functions import (
     ReLUNetTasks,
 )
 from metattn.errors import ConfigError
-from metattn.meta.incontext import ICLTransformer, InContextLearner
+from metattn.meta.incontext import InContextLearner
+from metattn.nn.incontext import ICLTransformer
 from metattn.registry import register
 
 

@@ -1,16 +1,17 @@
 """Built-in builders for configs: task sources, models and learners.
 
-Each function's signature is the schema of its config section (see :mod:`metattn.registry`).
+Each function's signature (or options dataclass) is the schema of its config section (see
+:mod:`metattn.registry`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 
 from metattn.data.synthetic import SinusoidTasks
-from metattn.meta.maml import MAML
+from metattn.meta.maml import MAML, MAMLOptions
 from metattn.nn.backbones import MLP, Conv4, TokenTransformer, ViT
 from metattn.registry import register
 
@@ -63,24 +64,8 @@ def token_transformer(vocab_size: int = 1000, max_len: int = 32, n_classes: int 
 
 
 # ------------------------------------------------------------------ learners
-@register("learner", "maml")
-def maml(model: nn.Module, inner_lr: float = 0.4, inner_steps: int = 1,
-         first_order: bool = False, adapt: list[str] | str | None = None,
-         learn_inner_lr: Literal["scalar", "per_param", "per_layer_step"] | None = None,
-         msl_steps: int = 0, second_order_start: int = 0, eval_inner_steps: int | None = None,
-         vectorize: bool | Literal["auto"] = "auto", chunk_size: int | None = None,
-         checkpoint: bool = False, per_task_backward: bool = True,
-         task_threads: int | Literal["auto"] = 1,
-         compile_inner: bool | dict[str, Any] = False) -> MAML:
-    """The whole MAML family (FOMAML, ANIL, Meta-SGD, MAML++ are options)."""
-    return MAML(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order,
-                adapt=adapt, learn_inner_lr=learn_inner_lr, msl_steps=msl_steps,
-                second_order_start=second_order_start, eval_inner_steps=eval_inner_steps,
-                vectorize=vectorize, chunk_size=chunk_size, checkpoint=checkpoint,
-                per_task_backward=per_task_backward, task_threads=task_threads,
-                compile_inner=compile_inner)
-
-
-# Families registered in their own modules (imported here so every config can name them).
-import metattn.builders_icl  # noqa: E402,F401
-import metattn.builders_vision  # noqa: E402,F401
+@register("learner", "maml", options=MAMLOptions)
+def maml(model: nn.Module, **options: Any) -> MAML:
+    """The whole MAML family (FOMAML, ANIL, Meta-SGD, MAML++ are options): the keys are
+    :class:`~metattn.meta.maml.MAMLOptions`'s fields."""
+    return MAML(model, **options)

@@ -1,7 +1,6 @@
 """Config builders for image few-shot learning: the Omniglot task source and metric learners.
 
 Each function's signature is the schema of its config section (see :mod:`metattn.registry`).
-Imported by :mod:`metattn.builders`, which registers the built-ins.
 """
 
 from __future__ import annotations
