@@ -1,8 +1,14 @@
-"""Small seeded models and task batches shared by the core tests."""
+"""Small seeded models, task batches and run configs shared by the tests."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
 
 import metattn as mt
 
@@ -48,3 +54,70 @@ def meta_grad(learner, batch, **kw) -> tuple[float, torch.Tensor]:
     loss, _ = learner.meta_loss(batch, **kw)
     loss.backward()
     return loss.item(), flat_grad(learner.model)
+
+
+def tiny_net(norm: bool = False, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(2, 8)]
+    if norm:
+        layers.append(nn.BatchNorm1d(8))
+    return nn.Sequential(*layers, nn.Tanh(), nn.Linear(8, 1)).double()
+
+
+def tiny_batch(x_map=None) -> mt.TaskBatch:
+    g = torch.Generator().manual_seed(1)
+    sx, qx = (torch.randn(3, n, 2, generator=g, dtype=torch.float64) for n in (5, 6))
+    if x_map is not None:
+        sx, qx = x_map(sx), x_map(qx)
+    return mt.TaskBatch(sx, torch.randn(3, 5, 1, generator=g, dtype=torch.float64),
+                        qx, torch.randn(3, 6, 1, generator=g, dtype=torch.float64))
+
+
+def blob_tasks(T: int, g: torch.Generator, n: int = 5, k: int = 1, q: int = 5,
+               noise: float = 1.5) -> mt.TaskBatch:
+    """Synthetic image episodes: each class is a smooth random 28x28 pattern (a 4x4 Gaussian
+    grid upsampled) and each example adds white noise; classes are new in every task, so
+    a learner must learn a metric that ignores the noise."""
+    low = torch.randn(T * n, 1, 4, 4, generator=g)
+    proto = F.interpolate(low, size=(28, 28), mode="bilinear", align_corners=False)
+    x = proto.view(T, n, 1, 1, 28, 28) + noise * torch.randn(T, n, k + q, 1, 28, 28,
+                                                             generator=g)
+    y = torch.arange(n).view(1, n, 1)
+    return mt.TaskBatch(
+        support_x=x[:, :, :k].flatten(1, 2), support_y=y.expand(T, n, k).reshape(T, -1),
+        query_x=x[:, :, k:].flatten(1, 2), query_y=y.expand(T, n, q).reshape(T, -1),
+        n_way=n, k_shot=k,
+    )
+
+
+TINY = {
+    "name": "tiny",
+    "seed": 3,
+    "task": {"kind": "sinusoid", "k_shot": 5, "k_query": 5},
+    "model": {"kind": "mlp", "hidden": [16, 16]},
+    "learner": {"kind": "maml", "inner_lr": 0.01, "inner_steps": 1, "eval_inner_steps": 3},
+    "train": {"steps": 40, "meta_batch": 4, "lr": 0.003, "log_every": 1, "eval_every": 20,
+              "eval_episodes": 20, "checkpoint_every": 10, "progress": False,
+              "tensorboard": False, "plots": False},
+    "eval": {"episodes": 50, "task": {"k_query": 20}},
+}
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def tiny(**changes) -> dict:
+    """TINY with ``section__key=value`` changes."""
+    cfg = json.loads(json.dumps(TINY))
+    for key, value in changes.items():
+        node = cfg
+        parts = key.split("__")
+        for p in parts[:-1]:
+            node = node[p]
+        node[parts[-1]] = value
+    return cfg
+
+
+def write_cfg(tmp_path: Path, **changes) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny(**changes)))
+    return path

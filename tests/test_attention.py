@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from models import make
 
 import metattn as mt
 from metattn.nn import attention as A
@@ -138,7 +139,6 @@ def test_record_attention_under_vmap_maml_gives_usable_maps():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from models import make
 
     m, batch = make("vit", T=2)
     learner = mt.MAML(m, inner_lr=0.3, inner_steps=1, vectorize=True)
@@ -155,7 +155,6 @@ def test_maps_recorded_during_adapt_can_be_saved(tmp_path):
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from models import make
 
     m, batch = make("vit", T=1)
     learner = mt.MAML(m, inner_lr=0.3, inner_steps=1, vectorize=False)

@@ -33,7 +33,7 @@ CFG = {
                 "vectorize": False},
     "train": {"steps": 3, "meta_batch": 4, "lr": 0.01, "log_every": 1, "eval_every": 0,
               "eval_episodes": 4, "checkpoint_every": 0, "progress": False,
-              "tensorboard": False, "dtype": "float64"},
+              "tensorboard": False, "plots": False, "dtype": "float64"},
     "eval": {"episodes": 8, "chunk": 4},
 }
 

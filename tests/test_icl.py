@@ -451,7 +451,8 @@ def test_recipe_trains_an_icl_config_with_curriculum_and_writes_the_curve(tmp_pa
         "learner": {"kind": "incontext"},
         "train": {"steps": 30, "meta_batch": 8, "lr": 3e-3, "schedule": "cosine",
                   "warmup_steps": 5, "log_every": 5, "eval_every": 15, "eval_episodes": 20,
-                  "checkpoint_every": 15, "progress": False, "tensorboard": False},
+                  "checkpoint_every": 15, "progress": False, "tensorboard": False,
+                  "plots": False},
         "eval": {"episodes": 60, "chunk": 30},
     })
     train_tasks, test_tasks, _ = build_run(cfg, torch.device("cpu"))

@@ -121,12 +121,13 @@ def test_three_step_run_end_to_end(tmp_path, omniglot_data):
         "--configs", str(ROOT / "configs" / "omniglot_5w1s_protonet_cpu.yaml"),
         "--set", "task.n_way=10", "--set", "train.steps=3", "--set", "train.log_every=1",
         "--set", "train.eval_every=0", "--set", "train.progress=false",
-        "--set", "train.tensorboard=false", "--set", "eval.chunk=4",
+        "--set", "train.tensorboard=false", "--set", "train.plots=false", "--set", "eval.chunk=4",
         "--episodes", "8", "--no-malloc-tune", "--out", str(out)])
     run = out / "omniglot_5w1s_protonet_cpu"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["episodes"] == 8
-    assert 0.0 <= summary["mean"] <= 1.0
+    # 10-way episodes: chance is 0.1, and a 3-step ProtoNet is far above it
+    assert summary["metric"] == "accuracy" and summary["mean"] > 0.3
     for name in ("config.yaml", "metrics.jsonl", "checkpoint.safetensors"):
         assert (run / name).is_file(), name
     assert (out / "table.md").is_file()

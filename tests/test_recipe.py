@@ -1,4 +1,5 @@
-"""The recipe and CLI: train -> summary -> eval, resume, atomic checkpoints, config errors."""
+"""metattn.recipe: train -> summary, resume equals an uninterrupted run, atomic checkpoints,
+Ctrl-C, schedules, config errors before anything is written."""
 
 from __future__ import annotations
 
@@ -14,44 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from models import TINY, tiny, write_cfg
 
 from metattn import checkpoint
 from metattn.cli import main
 from metattn.config import from_dict, load
 from metattn.errors import CheckpointError, ConfigError, TrainingError
-from metattn.recipe import TimeBudget, train
-
-TINY = {
-    "name": "tiny",
-    "seed": 3,
-    "task": {"kind": "sinusoid", "k_shot": 5, "k_query": 5},
-    "model": {"kind": "mlp", "hidden": [16, 16]},
-    "learner": {"kind": "maml", "inner_lr": 0.01, "inner_steps": 1, "eval_inner_steps": 3},
-    "train": {"steps": 40, "meta_batch": 4, "lr": 0.003, "log_every": 1, "eval_every": 20,
-              "eval_episodes": 20, "checkpoint_every": 10, "progress": False,
-              "tensorboard": False},
-    "eval": {"episodes": 50, "task": {"k_query": 20}},
-}
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def tiny(**changes) -> dict:
-    """TINY with ``section__key=value`` changes."""
-    cfg = json.loads(json.dumps(TINY))
-    for key, value in changes.items():
-        node = cfg
-        parts = key.split("__")
-        for p in parts[:-1]:
-            node = node[p]
-        node[parts[-1]] = value
-    return cfg
-
-
-def write_cfg(tmp_path: Path, **changes) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tiny(**changes)))
-    return path
+from metattn.recipe import train
 
 
 def load_tiny(**changes):
@@ -68,44 +38,6 @@ def _tiny_learner():
 def losses(run_dir: Path) -> list[float]:
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in recs if r["kind"] == "train"]
-
-
-def test_cli_train_then_eval(tmp_path, capsys):
-    cfg = write_cfg(tmp_path)
-    out = tmp_path / "run"
-    assert main(["train", str(cfg), "--out", str(out), "--set", "train.steps=30"]) == 0
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.safetensors",
-                 "state.json", "training.png", "adaptation.png"):
-        assert (out / name).is_file(), name
-    summary = json.loads((out / "summary.json").read_text())
-    for key in ("metric", "mean", "ci95", "episodes", "steps", "seconds"):
-        assert key in summary
-    assert summary["metric"] == "loss" and summary["episodes"] == 50 and summary["steps"] == 30
-    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["steps"] == 30
-    assert main(["eval", str(out), "--episodes", "30"]) == 0
-    ev = json.loads((out / "eval.json").read_text())
-    assert ev["episodes"] == 30 and ev["steps"] == 30
-    assert "test loss" in capsys.readouterr().out
-    # the same directory is never silently overwritten
-    assert main(["train", str(cfg), "--out", str(out)]) == 2
-    assert "--resume" in capsys.readouterr().err
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
-@pytest.mark.parametrize("opt_out", [[], ["--no-malloc-tune"], "env"])
-def test_cli_tunes_the_cpu_allocator_unless_told_not_to(tmp_path, opt_out):
-    """The command line keeps freed CPU memory in its process (metattn.perf) and says so in
-    summary.json; the flag or METATTN_MALLOC_TUNE=0 opts out. A fresh process each: the
-    setting is process-wide."""
-    env = {**os.environ, "METATTN_MALLOC_TUNE": "0" if opt_out == "env" else "1"}
-    flags = opt_out if isinstance(opt_out, list) else []
-    out = tmp_path / "r"
-    proc = subprocess.run([sys.executable, "-m", "metattn", "train", str(write_cfg(tmp_path)),
-                           "--out", str(out), "--set", "train.steps=2", *flags], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    tuned = json.loads((out / "summary.json").read_text())["malloc_tuned"]
-    assert tuned is (opt_out == [])
 
 
 @pytest.mark.parametrize("log_every, schedule, optimizer, ema", [
@@ -387,63 +319,6 @@ def test_config_errors_name_the_key(change, message):
         from_dict(data)
 
 
-def test_eval_cli_options_and_checkpoint_mismatch_detail(tmp_path, capsys, monkeypatch):
-    cfg = write_cfg(tmp_path)
-    out = tmp_path / "run"
-    assert main(["train", str(cfg), "--out", str(out), "--set", "train.steps=5",
-                 "--set", "train.eval_every=0"]) == 0
-    with pytest.raises(SystemExit):
-        main(["eval", str(out), "--episodes", "0"])
-    assert "not a positive integer" in capsys.readouterr().err
-    assert main(["eval", str(out), "--episodes", "7", "--device", "cpu", "--threads", "1"]) == 0
-    first = json.loads((out / "eval.json").read_text())
-    assert first["episodes"] == 7 and "overrides" not in first
-    # --set changes the evaluated config (here: no inner steps) and is recorded
-    assert main(["eval", str(out), "--episodes", "7", "--set",
-                 "learner.eval_inner_steps=0"]) == 0
-    changed = json.loads((out / "eval.json").read_text())
-    assert changed["overrides"] == ["learner.eval_inner_steps=0"]
-    assert changed["eval_inner_steps"] == 0 and first["eval_inner_steps"] == 3
-    assert changed["mean"] != first["mean"]
-    # a resume may change threads and device (they do not change the maths)
-    assert main(["train", str(cfg), "--out", str(out), "--resume", "--set", "train.steps=5",
-                 "--set", "train.eval_every=0", "--set", "train.threads=1",
-                 "--set", "train.device=cpu"]) == 0
-    # a model that does not fit (a checkpoint whose stored config was changed): the error
-    # names the mismatching keys
-    orig = checkpoint.load
-
-    def changed(d):
-        tensors, state = orig(d)
-        state["config"]["model"]["hidden"] = [8, 8]
-        return tensors, state
-
-    monkeypatch.setattr(checkpoint, "load", changed)
-    assert main(["eval", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert "does not fit this model" in err and "size mismatch" in err
-
-
-def test_demo_refuses_a_non_empty_out(tmp_path, capsys):
-    from metattn.demo import main as demo
-
-    (tmp_path / "old.txt").write_text("keep me")
-    assert demo(["--out", str(tmp_path)]) == 2
-    assert "not an empty folder" in capsys.readouterr().err
-    assert (tmp_path / "old.txt").read_text() == "keep me"
-
-
-def test_missing_config_file_and_bad_override(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
-        load(tmp_path / "nope.yaml")
-    with pytest.raises(ConfigError, match="key=value"):
-        load(write_cfg(tmp_path), ["train.steps"])
-    assert load(write_cfg(tmp_path), ["train.lr=3e-4"]).train.lr == pytest.approx(3e-4)
-    # a scalar in place of a section is an error, not a silent reset to the defaults
-    with pytest.raises(ConfigError, match="train: expected a mapping"):
-        load(write_cfg(tmp_path), ["train=0"])
-
-
 def test_training_lowers_test_mse_far_below_the_untrained_model(tmp_path):
     changes = dict(train__meta_batch=25, train__log_every=50, train__eval_every=0,
                    train__checkpoint_every=0, model__hidden=[40, 40],
@@ -486,33 +361,6 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_continues(tmp_path):
     assert train(cont, out, resume=True)["steps"] == step + 5
 
 
-def test_user_mistakes_are_clear_errors_not_tracebacks(tmp_path, capsys):
-    """Exit code 2 and one line naming the fix, for mistakes that used to raise tracebacks."""
-    cfg = write_cfg(tmp_path, train__steps=2, train__eval_every=0)
-    listed = tmp_path / "list.yaml"
-    listed.write_text("- a\n- b\n")
-    a_file = tmp_path / "afile"
-    a_file.write_text("x")
-    cases = [
-        (["train", str(cfg), "--set", "train.steps=[1", "--out", str(tmp_path / "a")],
-         "not valid YAML"),
-        (["train", str(listed), "--out", str(tmp_path / "b")], "not a mapping"),
-        (["train", str(tmp_path), "--out", str(tmp_path / "c")], "is a directory"),
-        (["train", str(cfg), "--out", str(a_file)], "is a file"),
-        (["train", str(cfg), "--set", "learner.chunk_size=0", "--out", str(tmp_path / "d")],
-         "chunk_size=0"),
-        (["train", str(cfg), "--set", "model.hidden=[0]", "--out", str(tmp_path / "e")],
-         "every size must be >= 1"),
-        (["train", str(cfg), "--set", "model.out_features=3", "--out", str(tmp_path / "f")],
-         "out_features"),
-        (["train", str(cfg), "--set", "model.in_features=2", "--out", str(tmp_path / "g")],
-         "in_features"),
-    ]
-    for argv, message in cases:
-        assert main(argv) == 2, argv
-        assert message in capsys.readouterr().err, argv
-
-
 def test_eval_uses_the_checkpoints_own_config(tmp_path, capsys):
     cfg = write_cfg(tmp_path, train__steps=3, train__eval_every=0)
     out = tmp_path / "run"
@@ -526,145 +374,3 @@ def test_eval_uses_the_checkpoints_own_config(tmp_path, capsys):
     assert json.loads((out / "eval.json").read_text())["mean"] == a
     summary = json.loads((out / "summary.json").read_text())
     assert summary["episodes"] == 50
-
-
-def test_demo_checks_both_configs_before_training(tmp_path, capsys):
-    from metattn.demo import main as demo
-
-    assert demo(["--out", str(tmp_path / "d"), "--icl-set", "train.stpes=5"]) == 2
-    assert "train.stpes" in capsys.readouterr().err
-    assert not (tmp_path / "d" / "maml").exists()  # nothing was trained
-
-
-def test_budget_stops_and_fits_the_schedule():
-    cfg = load(CONFIGS / "omniglot_5w1s_protonet_cpu.yaml",
-               ["train.steps=1000", "train.schedule=cosine"])
-    cb = TimeBudget(cfg, seconds=100.0, fit_schedule=True)
-    cb(10, {"seconds": 2.0})  # before a tenth of the budget: no fit yet
-    assert cfg.train.steps == 1000
-    cb(50, {"seconds": 10.0})  # the reference point for the time per step
-    cb(60, {"seconds": 12.0})  # 0.2 s/step since then -> 60 + 88 / 0.2 = 500
-    assert cfg.train.steps == 500 and cb.stopped_by_budget
-    cb(110, {"seconds": 16.0})  # faster now: 0.1 s/step since step 50 -> 110 + 84 / 0.1
-    assert cfg.train.steps == 950
-    cb(150, {"seconds": 30.0})  # slower again: 0.2 s/step -> 150 + 70 / 0.2 = 500
-    assert cfg.train.steps == 500
-    cb(300, {"seconds": 55.0})  # faster (-> 550), but past half the budget: no growing
-    assert cfg.train.steps == 500
-    cb(490, {"seconds": 98.0})  # the horizon is the end: never pushed past the budget
-    assert cfg.train.steps == 490 + int(2.0 / (88.0 / 440))
-    cb(500, {"seconds": 100.5})
-    assert cfg.train.steps == 500
-    # a horizon reached with time left still ends the run (the rate has reached zero)
-    cfg = load(CONFIGS / "omniglot_5w1s_protonet_cpu.yaml",
-               ["train.steps=1000", "train.schedule=cosine"])
-    cb = TimeBudget(cfg, seconds=100.0)
-    cb(50, {"seconds": 10.0})
-    cb(100, {"seconds": 20.0})  # 0.2 s/step -> 100 + 80 / 0.2 = 500
-    assert cfg.train.steps == 500
-    cb(500, {"seconds": 40.0})  # much faster since, but step 500 is the end
-    assert cfg.train.steps == 500
-    cfg = load(CONFIGS / "omniglot_5w1s_protonet_cpu.yaml", ["train.steps=300"])
-    cb = TimeBudget(cfg, seconds=100.0, fit_schedule=True)
-    cb(50, {"seconds": 10.0})
-    cb(60, {"seconds": 12.0})  # never above the config's steps
-    assert cfg.train.steps == 300 and not cb.stopped_by_budget
-    cb(300, {"seconds": 60.0})  # the config's length reached: the run ends, budget or not
-    assert cfg.train.steps == 300 and not cb.stopped_by_budget
-
-
-def test_budget_ignores_a_slow_start_and_never_overruns():
-    cfg = load(CONFIGS / "omniglot_5w1s_protonet_cpu.yaml",
-               ["train.steps=100000", "train.schedule=cosine", "train.log_every=10"])
-    cb = TimeBudget(cfg, seconds=100.0, fit_schedule=True)
-    cb(10, {"seconds": 12.0})  # a 12 s warm-up in the first 10 steps, then 0.1 s/step
-    cb(20, {"seconds": 13.0})
-    assert cfg.train.steps in (889, 890)  # 20 + 87 / 0.1, not 10 + 88 / 1.2 = 83
-    # a constant schedule: the run ends where the budget runs out, not up to log_every later
-    cfg = load(CONFIGS / "omniglot_5w1s_protonet_cpu.yaml",
-               ["train.steps=100000", "train.schedule=constant", "train.log_every=10"])
-    cb = TimeBudget(cfg, seconds=100.0, fit_schedule=True)
-    cb(10, {"seconds": 10.0})
-    cb(20, {"seconds": 20.0})
-    cb(90, {"seconds": 90.0})
-    assert cfg.train.steps == 100000
-    cb(95, {"seconds": 95.5})  # 1 s/step: 4 steps left, the next call would be at 105
-    assert cfg.train.steps == 99 and cb.stopped_by_budget
-
-
-def test_time_budget_ends_a_real_run_and_it_is_evaluated(tmp_path):
-    cfg = from_dict(json.loads(json.dumps(TINY)))
-    cfg.train.steps, cfg.train.eval_every, cfg.train.schedule = 100_000, 0, "cosine"
-    cfg.train.checkpoint_every = 50
-    cfg.train.max_seconds = 100.0  # a TimeBudget passed in takes the config's place
-    budget = TimeBudget(cfg, seconds=1.0)
-    run = tmp_path / "run"
-    summary = train(cfg, run, callbacks=[budget])
-    assert budget.stopped_by_budget and 20 <= summary["steps"] < 100_000
-    assert summary["seconds"] < 1.0 + 0.5  # the last step may finish after the budget
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    lrs = [x["lr"] for x in lines if x["kind"] == "train"]
-    # the schedule followed the fitted horizon: the rate ran down to (almost) zero
-    assert lrs[-1] < 0.05 * cfg.train.lr < max(lrs)
-    # config.yaml holds the fitted horizon, so --resume from it is accepted
-    saved = load(run / "config.yaml")
-    assert saved.train.steps == summary["steps"]
-    train(saved, run, resume=True)
-    with pytest.raises(ConfigError, match="seconds"):
-        TimeBudget(cfg, seconds=0)
-
-
-def test_budget_ends_the_run_between_log_steps(tmp_path):
-    # log_every 1000: the budget's callback would first run at step 1000 (seconds late);
-    # in one process the recipe ends the run at the first step past the budget
-    cfg = load(write_cfg(tmp_path, train__steps=100_000, train__eval_every=0,
-                         train__checkpoint_every=0, train__log_every=1000,
-                         train__max_seconds=0.3))
-    summary = train(cfg, tmp_path / "run")
-    assert summary["stopped_by_budget"] and 1 <= summary["steps"] < 1000
-    assert 0.3 <= summary["seconds"] < 0.8
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines if x["kind"] == "train"] == [summary["steps"]]
-    assert load(tmp_path / "run" / "config.yaml").train.steps == summary["steps"]
-
-
-def test_max_seconds_from_the_cli_ends_on_time_and_resumes(tmp_path):
-    cfg = write_cfg(tmp_path, train__steps=100_000, train__eval_every=0,
-                    train__schedule="cosine", train__checkpoint_every=100, train__log_every=5)
-    out = tmp_path / "run"
-    args = ["train", str(cfg), "--out", str(out), "--set", "train.max_seconds=1.0"]
-    assert main(args) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert 10 <= summary["steps"] < 100_000 and summary["seconds"] < 1.5
-    # the same command resumes: the fitted horizon is the schedule's, and the time is spent
-    assert main([*args, "--resume"]) == 0
-    again = json.loads((out / "summary.json").read_text())
-    assert again["steps"] == summary["steps"]
-    # more time: the run continues on the same (fitted) horizon, never past it
-    assert main([*args[:-1], "train.max_seconds=3.0", "--resume"]) == 0
-    assert json.loads((out / "summary.json").read_text())["steps"] == summary["steps"]
-    with pytest.raises(ConfigError, match="max_seconds"):
-        load(cfg, ["train.max_seconds=0"])
-
-
-def test_max_seconds_run_interrupted_and_resumed_with_more_time(tmp_path):
-    """Ctrl-C early in a budgeted cosine run (its horizon fitted to 0.6 s), then --resume
-    with 2 s: the horizon may still grow (the first half of the budget) up to the steps asked
-    for, so the run uses its new budget; summary.json says the budget ended it."""
-    cfg = write_cfg(tmp_path, train__steps=100_000, train__eval_every=0,
-                    train__schedule="cosine", train__checkpoint_every=0, train__log_every=5)
-    out = tmp_path / "run"
-
-    def interrupt(step, vals):
-        if vals["seconds"] >= 0.2:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(KeyboardInterrupt):
-        train(load(cfg, ["train.max_seconds=0.6"]), out, callbacks=[interrupt])
-    cut = checkpoint.load(out)[1]
-    assert 0.2 <= cut["seconds"] < 0.5 and cut["config"]["train"]["steps"] < 100_000
-    assert main(["train", str(cfg), "--out", str(out), "--set", "train.max_seconds=2.0",
-                 "--resume"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["seconds"] >= 1.6 and summary["stopped_by_budget"] is True
-    assert summary["max_seconds"] == 2.0

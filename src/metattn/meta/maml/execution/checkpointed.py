@@ -61,6 +61,9 @@ class RecomputedStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, contexts, sx, sy, *tensors):  # noqa: ANN001, ANN205
         ctx.fn, ctx.contexts = fn, contexts
+        # outputs nothing used come back as None, not zeros: a parameter the loss does not
+        # reach gets no gradient, as in the other strategies
+        ctx.set_materialize_grads(False)
         ctx.device = sx.device
         ctx.rng = torch.get_rng_state()
         ctx.cuda_rng = (torch.cuda.get_rng_state(sx.device) if sx.device.type == "cuda"

@@ -1,4 +1,5 @@
-"""metattn.perf: the CUDA-graph meta-step (its errors here; its replay where a GPU is)."""
+"""metattn.recipe.cuda_graph: the CUDA-graph meta-step (its errors here; its replay where a GPU
+is)."""
 
 from __future__ import annotations
 
@@ -121,6 +122,7 @@ def test_recipe_refuses_cuda_graph_where_it_cannot_run(tmp_path):
             "model": {"kind": "mlp", "hidden": [8]},
             "learner": {"kind": "maml", "inner_lr": 0.01},
             "train": {"steps": 2, "meta_batch": 2, "progress": False, "tensorboard": False,
+                      "plots": False,
                       "cuda_graph": True, "device": "cpu"}}
     with pytest.raises(ConfigError, match="train.cuda_graph=false on the CPU"):
         train(from_dict(base), tmp_path / "run")
