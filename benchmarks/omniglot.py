@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 import metattn.recipe as recipe
+from metattn import registry
 from metattn.allocator import tune_cpu_allocator
 from metattn.config import RunConfig, load
 from metattn.reports import print_table
@@ -85,7 +86,9 @@ def learner_name(cfg: RunConfig, summary: dict[str, Any]) -> tuple[str, str]:
     """(display name, key into PAPER)."""
     spec = cfg.learner
     kind = spec.get("kind", "?")
-    if kind == "maml":
+    if kind in ("maml", "fomaml", "anil", "metasgd", "mamlpp"):  # presets of one learner
+        keys, _ = registry.schema("learner", kind)
+        spec = {**{k: default for k, (_, default) in keys.items()}, **spec}
         steps = summary.get("eval_inner_steps")
         fo = bool(spec.get("first_order", False))
         # variants have their own published rows (or none): never Finn et al.'s numbers

@@ -8,9 +8,14 @@ Two workloads (the issue "Speed and scale", REFERENCES.md "MAML implementations,
 * ``transformer``: ``metattn.TokenTransformer`` (vocab 1000, seq 32, d_model 128, 4 heads,
   2 layers, FF 256, mean pool, linear head), 5-way 5-shot, 5 queries per class, meta-batch 16,
   5 inner steps at 0.01, second order.
+* ``user_conv4``: conv4's episodes on the Conv-4 a user writes (``nn.Conv2d``,
+  ``nn.BatchNorm2d`` with running statistics, ``nn.MaxPool2d``), not ``metattn.Conv4``:
+  what metattn's engine adds or saves on a module it knows nothing about.
 
 One meta-iteration = zero_grad + meta-loss + backward + outer Adam step. Methods:
 
+* ``default``: ``metattn.MAML(model, inner_lr=..., inner_steps=...)``, every other option
+  at its default (``--task-threads`` and the other switches do not apply);
 * ``vmap`` / ``loop`` / ``auto``: ``metattn.MAML(vectorize=True / False / "auto")``;
 * ``compiled``: the loop with ``MAML(compile_inner=True)`` (so one run times both);
 * ``plain``: a per-task loop written here (``functional_call`` +
@@ -79,8 +84,8 @@ import metattn as mt
 from metattn.nn.backbones import MaxPool2x2
 from metattn.recipe import CUDAGraphStep
 
-METHODS = ("vmap", "loop", "auto", "compiled", "plain", "higher")
-OURS = ("vmap", "loop", "auto", "compiled")  # metattn's methods
+METHODS = ("default", "vmap", "loop", "auto", "compiled", "plain", "higher")
+OURS = ("default", "vmap", "loop", "auto", "compiled")  # metattn's methods
 
 # REFERENCES.md, "MAML implementations, speed": median s per meta-iteration, measured side
 # by side on one machine (higher / learn2learn / plain torch.func loop / hand-written vmap).
@@ -127,9 +132,20 @@ def transformer_batch(T: int, g: torch.Generator) -> mt.TaskBatch:
                         _labels(n, q, T, g), n_way=n, k_shot=k)
 
 
+def user_conv4() -> torch.nn.Module:
+    """The MAML paper's Conv-4 as a user writes it, with torch's modules only."""
+    def block(i: int, o: int) -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Conv2d(i, o, 3, padding=1), torch.nn.BatchNorm2d(o),
+                                   torch.nn.ReLU(), torch.nn.MaxPool2d(2))
+    return torch.nn.Sequential(block(1, 64), block(64, 64), block(64, 64), block(64, 64),
+                               torch.nn.Flatten(), torch.nn.Linear(64, 5))
+
+
 WORKLOADS = {
     "conv4": Workload("conv4", lambda: mt.Conv4(1, 5, hidden=64, image_size=28), conv4_batch,
                       meta_batch=32, inner_lr=0.4, inner_steps=1, double_backward=False),
+    "user_conv4": Workload("user_conv4", user_conv4, conv4_batch, meta_batch=32, inner_lr=0.4,
+                           inner_steps=1, double_backward=False),
     "transformer": Workload(
         "transformer",
         lambda: mt.TokenTransformer(vocab_size=1000, max_len=32, n_classes=5, d_model=128,
@@ -179,6 +195,13 @@ def make_method(name: str, model: torch.nn.Module, wl: Workload, chunk_size: int
     """(step function that accumulates meta-gradients into .grad, params for the optimiser,
     the metattn learner or None)."""
     ctx = mt.double_backward if wl.double_backward else nullcontext
+    if name == "default":
+        learner = mt.MAML(model, inner_lr=wl.inner_lr, inner_steps=wl.inner_steps)
+
+        def step(batch):
+            loss, _ = learner.meta_loss(batch)
+            loss.backward()
+        return step, list(learner.parameters()), learner
     if name in OURS:
         vec = {"vmap": True, "loop": False, "auto": "auto", "compiled": False}[name]
         kw = {"checkpoint": True} if checkpoint else {}

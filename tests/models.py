@@ -121,3 +121,18 @@ def write_cfg(tmp_path: Path, **changes) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny(**changes)))
     return path
+
+
+DT = 1 / 64  # a binary fraction: sums of it are exact
+
+
+class Clock:
+    """A clock for ``train(..., clock=...)``: each call moves the time on by ``dt``; the
+    recipe reads it twice per step, so each meta-step takes exactly ``dt`` seconds."""
+
+    def __init__(self, dt: float = DT):
+        self.t, self.dt = 0.0, dt
+
+    def __call__(self) -> float:
+        self.t += self.dt
+        return self.t

@@ -8,26 +8,13 @@ import os
 import signal
 
 import pytest
-from models import CONFIGS, TINY, write_cfg
+from models import CONFIGS, DT, TINY, Clock, write_cfg
 
 from metattn import checkpoint
 from metattn.cli import main
 from metattn.config import from_dict, load
 from metattn.errors import ConfigError
 from metattn.recipe import TimeBudget, train
-
-DT = 1 / 64  # a binary fraction: sums of it are exact
-
-
-class Clock:
-    """Each call moves the time on by ``dt``: the recipe reads it twice per step."""
-
-    def __init__(self, dt: float = DT):
-        self.t, self.dt = 0.0, dt
-
-    def __call__(self) -> float:
-        self.t += self.dt
-        return self.t
 
 
 def test_budget_stops_and_fits_the_schedule():

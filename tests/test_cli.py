@@ -32,32 +32,31 @@ def test_cli_train_then_eval(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     for key in ("metric", "mean", "ci95", "episodes", "steps", "seconds"):
         assert key in summary
-    assert summary["metric"] == "loss" and summary["episodes"] == 50 and summary["steps"] == 30
+    assert summary["metric"] == "mse" and summary["episodes"] == 50 and summary["steps"] == 30
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["steps"] == 30
     assert main(["eval", str(out), "--episodes", "30"]) == 0
     ev = json.loads((out / "eval.json").read_text())
     assert ev["episodes"] == 30 and ev["steps"] == 30
-    assert "test loss" in capsys.readouterr().out
+    assert "test mse" in capsys.readouterr().out
     # the same directory is never silently overwritten
     assert main(["train", str(cfg), "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
-@pytest.mark.parametrize("opt_out", [[], ["--no-malloc-tune"], "env"])
+@pytest.mark.parametrize("opt_out", [False, True])
 def test_cli_tunes_the_cpu_allocator_unless_told_not_to(tmp_path, opt_out):
-    """The command line keeps freed CPU memory in its process (metattn.perf) and says so in
-    summary.json; the flag or METATTN_MALLOC_TUNE=0 opts out. A fresh process each: the
-    setting is process-wide."""
-    env = {**os.environ, "METATTN_MALLOC_TUNE": "0" if opt_out == "env" else "1"}
-    flags = opt_out if isinstance(opt_out, list) else []
+    """The command line keeps freed CPU memory in its process (metattn.allocator) and says
+    so in summary.json; METATTN_MALLOC_TUNE=0 opts out. A fresh process each: the setting is
+    process-wide."""
+    env = {**os.environ, "METATTN_MALLOC_TUNE": "0" if opt_out else "1"}
     out = tmp_path / "r"
     proc = subprocess.run([sys.executable, "-m", "metattn", "train", str(write_cfg(tmp_path)),
-                           "--out", str(out), "--set", "train.steps=2", *flags], env=env,
+                           "--out", str(out), "--set", "train.steps=2"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     tuned = json.loads((out / "summary.json").read_text())["malloc_tuned"]
-    assert tuned is (opt_out == [])
+    assert tuned is (not opt_out)
 
 
 def test_eval_cli_options_and_checkpoint_mismatch_detail(tmp_path, capsys, monkeypatch):
@@ -150,3 +149,48 @@ def test_demo_checks_both_configs_before_training(tmp_path, capsys):
     assert demo(["--out", str(tmp_path / "d"), "--icl-set", "train.stpes=5"]) == 2
     assert "train.stpes" in capsys.readouterr().err
     assert not (tmp_path / "d" / "maml").exists()  # nothing was trained
+
+
+def test_version_kinds_and_validate(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"metattn {mt_version()}"
+    assert main(["kinds"]) == 0
+    assert "learner: anil, feat, fomaml" in capsys.readouterr().out
+    assert main(["kinds", "learner", "metasgd"]) == 0
+    out = capsys.readouterr().out
+    assert "learn_inner_lr: one of 'scalar', 'per_param', 'per_layer_step' or null, default " \
+           "'per_param'" in out and "inner_lr: a number, default 0.4" in out
+    assert main(["kinds", "learner", "mmal"]) == 2
+    assert "did you mean 'maml'" in capsys.readouterr().err
+    cfg = write_cfg(tmp_path)
+    assert main(["validate", str(cfg), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny: valid. MAML (321 parameters)" in out and "a training step runs as: vmap" in out
+    assert not (tmp_path / "runs").exists()
+    assert main(["validate", str(cfg), "--set", "learner.inner_lr=-1"]) == 2
+    assert "learner.inner_lr=-1" in capsys.readouterr().err
+
+
+def mt_version() -> str:
+    import metattn
+
+    return metattn.__version__
+
+
+def test_train_by_name_and_user_mistakes_without_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "sinusoid_maml_quick", "--set", "train.steps=2", "--set",
+                 "eval.episodes=5", "--set", "train.plots=false", "--threads", "1"]) == 0
+    assert (tmp_path / "runs" / "sinusoid_maml_quick" / "summary.json").is_file()
+    capsys.readouterr()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert main(["train", "sinusoid_maml_quick", "--out", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be created" in err and "Traceback" not in err
+    assert main(["eval", "sinusoid_maml_quick.yaml"]) == 2
+    assert "takes a run directory" in capsys.readouterr().err
+    (tmp_path / "c.yaml").write_text("task: {kind: sinusoid}")
+    assert main(["eval", str(tmp_path / "c.yaml")]) == 2
+    assert "metattn train" in capsys.readouterr().err

@@ -181,7 +181,7 @@ def test_recipe_with_cuda_graph_follows_the_eager_run(tmp_path):
 
     def logged(run):
         recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        return [(r["step"], r["loss"], r["lr"]) for r in recs if r["kind"] == "train"]
+        return [(r["step"], r["mse"], r["lr"]) for r in recs if r["kind"] == "train"]
 
     class Crash(Exception):
         pass

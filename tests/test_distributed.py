@@ -51,7 +51,7 @@ def _model(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def _losses(run_dir: Path) -> list[float]:
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in recs if r["kind"] == "train"]
+    return [r["mse"] for r in recs if r["kind"] == "train"]
 
 
 def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -139,7 +139,8 @@ if __name__ == "__main__":
     rank, world = dist.get_rank(), dist.get_world_size()
     learner, episodes = setup(rank)
     res = evaluate(learner, episodes, torch.device("cpu"), torch.float32, None, rank, world)
-    json.dump([res["loss"], res["accuracy"]], open(sys.argv[1] + "/rank%d.json" % rank, "w"))
+    json.dump([res["cross_entropy"], res["accuracy"]],
+              open(sys.argv[1] + "/rank%d.json" % rank, "w"))
     dist.destroy_process_group()
 """
 
@@ -158,7 +159,7 @@ def test_split_evaluation_scores_rank_zeros_model(tmp_path):
     res = evaluate(learner, episodes, torch.device("cpu"), torch.float32)
     for r in (0, 1):
         got = json.loads((tmp_path / f"rank{r}.json").read_text())
-        assert got == pytest.approx([res["loss"], res["accuracy"]])
+        assert got == pytest.approx([res["cross_entropy"], res["accuracy"]])
 
 
 def test_ranks_follow_rank_zeros_callback(tmp_path):
@@ -206,7 +207,7 @@ def test_two_processes_equal_one_and_resume_on_one(tmp_path, monkeypatch):
     two = tmp_path / "two"
     proc = _torchrun(cfg_path, two, spy=tmp_path / "spy")
     assert "2 process(es)" in proc.stdout
-    assert proc.stdout.count("test loss") == 1  # only rank 0 reports
+    assert proc.stdout.count("run directory:") == 1  # only rank 0 reports
     # the work is split: each rank trains on its own half of every meta-batch of 4
     spied = [json.loads((tmp_path / "spy" / f"rank{r}.json").read_text()) for r in (0, 1)]
     ranks = [r["train"] for r in spied]
@@ -238,8 +239,8 @@ def test_two_processes_equal_one_and_resume_on_one(tmp_path, monkeypatch):
     # the evaluation split over the ranks gives the single process's summary
     s2, s1 = (json.loads((d / "summary.json").read_text()) for d in (two, one))
     assert s2["episodes"] == s1["episodes"] == 8
-    assert s2["results"]["loss"] == pytest.approx(s1["results"]["loss"], rel=1e-6)
-    assert s2["results"]["loss_ci95"] == pytest.approx(s1["results"]["loss_ci95"], rel=1e-6)
+    assert s2["results"]["mse"] == pytest.approx(s1["results"]["mse"], rel=1e-6)
+    assert s2["results"]["mse_ci95"] == pytest.approx(s1["results"]["mse_ci95"], rel=1e-6)
 
     # a 2-process checkpoint resumes in 1 process and continues as the 1-process run does
     # (resumed == uninterrupted is tested in test_recipe.py)

@@ -111,7 +111,8 @@ def test_layernorm_and_batchnorm_modules_with_buffers_and_dropout():
     for vec in (False, True):
         loss, metrics = mt.MAML(m, inner_lr=0.1, inner_steps=2, vectorize=vec).meta_loss(batch)
         loss.backward()
-        assert torch.isfinite(loss) and set(metrics) == {"loss", "support_loss", "accuracy"}
+        assert torch.isfinite(loss)
+        assert set(metrics) == {"cross_entropy", "support_loss_before", "accuracy"}
         assert all(p.grad is not None for p in m.parameters())
 
 
@@ -125,8 +126,8 @@ def test_running_stat_batchnorm_uses_batch_statistics_in_eval_mode_too():
     for vec in (False, True):
         learner = mt.MAML(m, inner_lr=0.1, inner_steps=2, vectorize=vec)
         before = {k: v.clone() for k, v in m.state_dict().items()}
-        trained = learner.train().evaluate(batch)["loss"]
-        evaluated = learner.eval().evaluate(batch)["loss"]
+        trained = learner.train().evaluate(batch)["cross_entropy"]
+        evaluated = learner.eval().evaluate(batch)["cross_entropy"]
         torch.testing.assert_close(trained, evaluated)
         model = learner.adapt(batch.support_x[0], batch.support_y[0])
         learner.train()
@@ -140,7 +141,7 @@ def test_running_stat_batchnorm_uses_batch_statistics_in_eval_mode_too():
 
 def test_anil_adapts_only_the_head(fp64):
     m, batch = make("mlp")
-    learner = mt.ANIL(m, head="head", inner_lr=0.5, inner_steps=3)
+    learner = mt.ANIL(m, inner_params="head", inner_lr=0.5, inner_steps=3)
     adapted = learner.adapt(batch.support_x[0], batch.support_y[0])
     for name, p in m.named_parameters():
         same = torch.equal(adapted.params[name], p.detach())
@@ -158,7 +159,7 @@ def test_anil_adapts_only_the_head(fp64):
 def test_anil_unknown_name_is_a_clear_error():
     m, _ = make("mlp")
     with pytest.raises(ConfigError, match="no parameter or module named 'haed'.*head"):
-        mt.ANIL(m, head="haed")
+        mt.ANIL(m, inner_params="haed")
 
 
 def test_meta_sgd_rates_receive_gradients_and_change_adaptation(fp64):
@@ -208,7 +209,7 @@ def test_maml_pp_options(fp64):
 
 def test_several_inner_steps_and_zero_steps(fp64):
     m, batch = make("mlp")
-    per_step = mt.MAML(m, inner_lr=0.2).evaluate(batch, steps=5)["loss_per_step"]
+    per_step = mt.MAML(m, inner_lr=0.2).evaluate(batch, steps=5)["cross_entropy_per_step"]
     assert per_step.shape == (3, 6)
     zero = mt.MAML(m, inner_steps=0)
     loss, _ = zero.meta_loss(batch)
@@ -218,7 +219,7 @@ def test_several_inner_steps_and_zero_steps(fp64):
     # support loss goes down with inner steps on a convex-ish head-only problem
     anil = mt.ANIL(m, inner_lr=0.5)
     s = anil.evaluate(mt.TaskBatch(batch.support_x, batch.support_y, batch.support_x,
-                                   batch.support_y, n_way=3), steps=5)["loss_per_step"]
+                                   batch.support_y, n_way=3), steps=5)["cross_entropy_per_step"]
     assert bool((s[:, -1] < s[:, 0]).all())
 
 
@@ -230,7 +231,7 @@ def test_adapt_api_predicts_and_matches_evaluate(fp64):
     logits = predict(batch.query_x[1])
     assert logits.shape == (5, 3)
     ev = learner.evaluate(batch)
-    torch.testing.assert_close(F.cross_entropy(logits, batch.query_y[1]), ev["loss"][1])
+    torch.testing.assert_close(F.cross_entropy(logits, batch.query_y[1]), ev["cross_entropy"][1])
     # adapt did not touch the model's own parameters
     assert all(p.grad is None for p in m.parameters())
 
@@ -241,7 +242,7 @@ def test_maml_learns_sinusoids_quickly():
     model = mt.MLP(1, [40, 40], 1)
     learner = mt.MAML(model, inner_lr=0.01, inner_steps=1, eval_inner_steps=5)
     test = tasks.sample(200, torch.Generator().manual_seed(123))
-    before = float(learner.evaluate(test)["loss"].mean())
+    before = float(learner.evaluate(test)["mse"].mean())
     opt = torch.optim.Adam(learner.parameters(), 3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(400):
@@ -249,7 +250,7 @@ def test_maml_learns_sinusoids_quickly():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    after = float(learner.evaluate(test)["loss"].mean())
+    after = float(learner.evaluate(test)["mse"].mean())
     assert after < 0.5 * before, (before, after)
 
 

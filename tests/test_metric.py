@@ -38,7 +38,7 @@ def test_protonet_logits_are_negative_squared_distances() -> None:
         b.support_x[0], b.support_y[0])(b.query_x[0]), 0.5 * expected)
     out = learner.evaluate(b)
     torch.testing.assert_close(out["accuracy"], torch.tensor([2 / 3]))
-    torch.testing.assert_close(out["loss"], F.cross_entropy(expected, b.query_y[0])[None])
+    torch.testing.assert_close(out["cross_entropy"], F.cross_entropy(expected, b.query_y[0])[None])
 
 
 def test_test_shift_averages_the_embeddings_of_every_shifted_view() -> None:
@@ -70,7 +70,7 @@ def test_test_shift_reaches_evaluation_and_checks_its_input() -> None:
     model = Conv4(hidden=8, track_running_stats=True)
     plain, tta = ProtoNet(model, scale=0.1).eval(), ProtoNet(model, scale=0.1, test_shift=2)
     tta.eval()
-    a, b = plain.evaluate(batch)["loss"], tta.evaluate(batch)["loss"]
+    a, b = plain.evaluate(batch)["cross_entropy"], tta.evaluate(batch)["cross_entropy"]
     assert not torch.allclose(a, b)
     # the same as evaluating on the hand-averaged embeddings
     views = [torch.roll(F.pad(x, (2, 2, 2, 2)), (dy, dx), (-2, -1))[..., 2:30, 2:30]
@@ -157,10 +157,10 @@ def test_contract_and_one_encoder_pass_per_batch(kind: str) -> None:
     # Conv4's BatchNorm uses batch statistics: one pass per task (support and query together)
     assert enc.calls == 6
     assert loss.dim() == 0 and loss.requires_grad
-    assert {"loss", "accuracy"} <= set(metrics)
+    assert {"cross_entropy", "accuracy"} <= set(metrics)
     assert all(v.dim() == 0 and not v.requires_grad for v in metrics.values())
     out = learner.evaluate(b)
-    assert out["loss"].shape == (6,) and out["accuracy"].shape == (6,)
+    assert out["cross_entropy"].shape == (6,) and out["accuracy"].shape == (6,)
     assert enc.calls == 12
     # adapt on one task gives that task's logits (a batch of one matches evaluate)
     one = b.task(2)
@@ -261,7 +261,7 @@ def test_feat_regulariser_contributes() -> None:
     l0, m0 = base.meta_loss(b)
     l1, m1 = reg.meta_loss(b)
     assert "reg_loss" not in m0 and float(m1["reg_loss"]) > 0
-    torch.testing.assert_close(m0["loss"], m1["loss"])  # same query loss
+    torch.testing.assert_close(m0["cross_entropy"], m1["cross_entropy"])  # same query loss
     assert float((l1 - l0).detach()) > 1e-4
     zs, zq = reg.embed(b.support_x, b.query_x)
     r = reg.regularizer(b, zs, zq)
@@ -283,7 +283,7 @@ def test_feat_regulariser_contributes() -> None:
     g1 = torch.autograd.grad(l1, reg.set_fn.attn.q_proj.weight)[0]
     assert g0 is None or not torch.allclose(g0, g1)
     # evaluation has no regulariser: identical per-task losses
-    torch.testing.assert_close(base.evaluate(b)["loss"], reg.evaluate(b)["loss"])
+    torch.testing.assert_close(base.evaluate(b)["cross_entropy"], reg.evaluate(b)["cross_entropy"])
 
 
 def test_feat_regulariser_sets_are_class_wise() -> None:

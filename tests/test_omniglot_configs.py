@@ -143,6 +143,11 @@ def test_three_step_run_end_to_end(tmp_path, omniglot_data):
     (["learner.learn_inner_lr=per_layer_step", "learner.msl_steps=100"],
      "MAML++ (10 test steps)", "97.65 ± 0.05"),
     (["learner.learn_inner_lr=per_param"], "Meta-SGD (10 test steps)", "-"),
+    # the presets (YAML kinds of their own) name themselves
+    (["learner.kind=anil"], "ANIL (10 test steps)", "96.2 ± 0.5"),
+    (["learner.kind=fomaml"], "FO-MAML (10 test steps)", "89.4 ± 0.5"),
+    (["learner.kind=metasgd"], "Meta-SGD (10 test steps)", "-"),
+    (["learner.kind=mamlpp"], "MAML++ (10 test steps)", "97.65 ± 0.05"),
 ])
 def test_maml_variants_are_printed_beside_their_own_paper_numbers(changes, name, paper):
     bench = _benchmark()

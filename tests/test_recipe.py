@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from models import TINY, tiny, write_cfg
+from models import TINY, Clock, tiny, write_cfg
 
 from metattn import checkpoint
 from metattn.cli import main
@@ -37,7 +37,7 @@ def _tiny_learner():
 
 def losses(run_dir: Path) -> list[float]:
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in recs if r["kind"] == "train"]
+    return [r["mse"] for r in recs if r["kind"] == "train"]
 
 
 @pytest.mark.parametrize("log_every, schedule, optimizer, ema", [
@@ -306,7 +306,11 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
     ({"train": {"weight_decay": -1.0}}, "train.weight_decay=-1.0"),
     ({"task": {"kind": ["sinusoid"]}}, "task.kind: got \\['sinusoid'\\]"),
     ({"train": {"autocast": "bf16", "dtype": "float64"}}, "does nothing to float64"),
-    ({"model": {"kind": "mlp", "hidden": [40.5]}}, "model.hidden: got \\[40.5\\].*list\\[int\\]"),
+    ({"model": {"kind": "mlp", "hidden": [40.5]}},
+     "model.hidden: got \\[40.5\\] \\(a list\\), expected a list of integers"),
+    ({"train": {"optimizer": "adm"}}, "expected one of 'adam', .*did you mean 'adam'"),
+    ({"learner": {"kind": "maml", "learn_inner_lr": "per_parm"}},
+     "learner.learn_inner_lr: .*or null; did you mean 'per_param'"),
 ])
 def test_config_errors_name_the_key(change, message):
     data = json.loads(json.dumps(TINY))
@@ -317,6 +321,57 @@ def test_config_errors_name_the_key(change, message):
             data[section] = value
     with pytest.raises(ConfigError, match=message):
         from_dict(data)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"learner": {"kind": "maml", "inner_lr": -0.1}}, "^learner.inner_lr=-0.1; give a step size"),
+    ({"learner": {"kind": "maml", "inner_steps": -2}}, "^learner.inner_steps=-2; it must be"),
+    ({"learner": {"kind": "maml", "task_threads": 0}}, "^learner.task_threads=0"),
+    ({"learner": {"kind": "maml", "inner_params": ["haed"]}},
+     "^learner.inner_params: .*named 'haed'; did you mean \\['head'"),
+    ({"learner": {"kind": "fomaml", "chunk_size": 0}}, "^learner.chunk_size=0"),
+])
+def test_errors_from_building_name_the_config_key_and_leave_nothing_behind(tmp_path, change,
+                                                                          message):
+    data = json.loads(json.dumps(TINY))
+    data.update(change)
+    with pytest.raises(ConfigError, match=message):
+        train(from_dict(data), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_numbers_read_the_same_from_a_file_and_from_set(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(TINY).replace("lr: 0.003", "lr: 5e-3"))
+    assert "lr: 5e-3" in path.read_text()
+    assert load(path).train.lr == 0.005 == load(path, ["train.lr=5e-3"]).train.lr
+
+
+def test_checkpoints_come_by_training_time_too_and_sigterm_stops_like_ctrl_c(tmp_path,
+                                                                           monkeypatch):
+    from metattn.recipe import run_dir
+
+    saved = []
+    real = run_dir.checkpoint.save
+    monkeypatch.setattr(run_dir.checkpoint, "save",
+                        lambda d, m, o, state, *a: saved.append(state["step"]) or
+                        real(d, m, o, state, *a))
+    # no step-count checkpoints; one every 0.5 s of training, and each step takes 1/64 s
+    cfg = load(write_cfg(tmp_path, train__steps=100, train__checkpoint_every=0,
+                         train__eval_every=0, train__checkpoint_minutes=0.5 / 60))
+    train(cfg, tmp_path / "timed", clock=Clock())
+    assert saved == [32, 64, 96, 100]
+    saved.clear()
+
+    def term(step, vals):  # what a scheduler or `timeout` sends
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(load(write_cfg(tmp_path, train__checkpoint_every=0, train__eval_every=0)),
+              tmp_path / "term", callbacks=[term], clock=Clock())
+    assert saved == [7] and checkpoint.load(tmp_path / "term")[1]["step"] == 7
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is given back
 
 
 def test_training_lowers_test_mse_far_below_the_untrained_model(tmp_path):

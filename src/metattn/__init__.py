@@ -1,51 +1,70 @@
 """metattn: meta-learning attention models.
 
-Public API lives here; everything else may change.
+The public API (``import metattn as mt``); everything else may change.
+
+Learners
+    MAML, FOMAML, ANIL, MetaSGD, MAMLpp   the MAML family: one inner loop with options
+    ProtoNet, MatchingNet, FEAT           metric learners: attention over the support set
+    InContextLearner                      a Transformer that learns from its prompt
+    Learner                               the contract every learner follows
+    MAMLOptions                           the MAML family's options, with defaults and checks
+Models
+    MLP, Conv4, ViT, TokenTransformer     backbones
+    ICLTransformer                        the in-context regressor (Garg et al. 2022)
+    MultiHeadAttention, TransformerBlock, TransformerEncoder, scaled_dot_product_attention
+    double_backward, record_attention     attention's second-derivative path and read-out
+Tasks
+    TaskBatch                             a batch of few-shot tasks (support and query sets)
+    SinusoidTasks, OmniglotTasks          task samplers: the MAML paper's sinusoids, Omniglot
+    LinearTasks, ReLUNetTasks, DecisionTreeTasks   in-context function families
+    fixed_episodes, mean_ci95             the fixed test episodes, mean and 95% CI
+Runs
+    load_config, train, load_run, evaluate_run, TimeBudget, CUDAGraphStep
+Errors
+    MetattnError, ConfigError, TaskError, DataError, InnerLoopError, CheckpointError,
+    TrainingError
+
+Names are imported when first used, so ``import metattn`` (and ``metattn --help``) does not
+load torch.
 """
 
-from metattn import errors
-from metattn.data import SinusoidTasks, TaskBatch, mean_ci95
-from metattn.errors import ConfigError, DataError, InnerLoopError, MetattnError, TaskError
-from metattn.meta import ANIL, FOMAML, MAML, Learner, MAMLpp, MetaSGD
-from metattn.nn import (
-    MLP,
-    Conv4,
-    MultiHeadAttention,
-    TokenTransformer,
-    TransformerBlock,
-    TransformerEncoder,
-    ViT,
-    double_backward,
-    record_attention,
-    scaled_dot_product_attention,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "errors",
-    "TaskBatch",
-    "SinusoidTasks",
-    "mean_ci95",
-    "MetattnError",
-    "TaskError",
-    "InnerLoopError",
-    "ConfigError",
-    "DataError",
-    "Learner",
-    "MAML",
-    "FOMAML",
-    "ANIL",
-    "MetaSGD",
-    "MAMLpp",
-    "MLP",
-    "Conv4",
-    "ViT",
-    "TokenTransformer",
-    "MultiHeadAttention",
-    "TransformerBlock",
-    "TransformerEncoder",
-    "double_backward",
-    "record_attention",
-    "scaled_dot_product_attention",
-]
+_EXPORTS = {
+    "metattn.meta.maml": ("MAML", "FOMAML", "ANIL", "MetaSGD", "MAMLpp", "MAMLOptions"),
+    "metattn.meta.metric": ("ProtoNet", "MatchingNet", "FEAT"),
+    "metattn.meta.incontext": ("InContextLearner",),
+    "metattn.meta.base": ("Learner",),
+    "metattn.nn": ("MLP", "Conv4", "ViT", "TokenTransformer", "ICLTransformer",
+                   "MultiHeadAttention", "TransformerBlock", "TransformerEncoder",
+                   "scaled_dot_product_attention", "double_backward", "record_attention"),
+    "metattn.data.tasks": ("TaskBatch", "fixed_episodes", "mean_ci95"),
+    "metattn.data.synthetic": ("SinusoidTasks",),
+    "metattn.data.omniglot": ("OmniglotTasks",),
+    "metattn.data.functions": ("LinearTasks", "ReLUNetTasks", "DecisionTreeTasks"),
+    "metattn.config": ("load_config",),
+    "metattn.recipe": ("train", "load_run", "evaluate_run", "TimeBudget", "CUDAGraphStep"),
+    "metattn.errors": ("MetattnError", "ConfigError", "TaskError", "DataError",
+                       "InnerLoopError", "CheckpointError", "TrainingError"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = [*_WHERE, "errors", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "errors":
+        return importlib.import_module("metattn.errors")
+    if name not in _WHERE:
+        raise AttributeError(f"module 'metattn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

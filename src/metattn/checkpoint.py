@@ -24,6 +24,7 @@ from metattn.errors import CheckpointError
 
 WEIGHTS = "checkpoint.safetensors"
 STATE = "state.json"
+MODEL = "model.safetensors"
 
 
 @functools.cache
@@ -102,19 +103,36 @@ def save(
     for k, v in (extra_tensors or {}).items():
         tensors[f"extra/{k}"] = v.detach().cpu().contiguous()
     blob = json.dumps(state, default=_number)
-    fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS}.", suffix=".tmp", dir=run_dir)
+    _write_safetensors(run_dir / WEIGHTS, tensors, {"metattn_state": blob})
+    atomic_write_bytes(run_dir / STATE, json.dumps(state, indent=1, default=_number).encode())
+    return run_dir / WEIGHTS
+
+
+def save_weights(run_dir: str | Path, model: torch.nn.Module) -> Path:
+    """``model.safetensors``: the model's state dict alone, under its own names (what
+    ``model.load_state_dict(safetensors.torch.load_file(path))`` takes), written
+    atomically."""
+    path = Path(run_dir) / MODEL
+    _write_safetensors(path, {k: v.detach().cpu().contiguous()
+                              for k, v in model.state_dict().items()})
+    return path
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
+                       metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written to a temp file beside ``path``, synced, then renamed over
+    it: a crash mid-write leaves the previous file intact."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"metattn_state": blob})
+        save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, _umask_mode())
-        os.replace(tmp, run_dir / WEIGHTS)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    atomic_write_bytes(run_dir / STATE, json.dumps(state, indent=1, default=_number).encode())
-    return run_dir / WEIGHTS
 
 
 def load(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -46,6 +47,9 @@ class TrainConfig:
     eval_every: int = 1000
     eval_episodes: int = 100
     checkpoint_every: int = 1000
+    # ... and at least every this many minutes of training (0: off), so a killed run loses at
+    # most that much
+    checkpoint_minutes: float = 10.0
     target: float | None = None
     # Training time budget in seconds (meta-steps only; evaluation and checkpoints excluded):
     # a TimeBudget ends the run on time and fits a cosine schedule to it; train.steps is
@@ -54,7 +58,8 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     dtype: Literal["float32", "float64"] = "float32"
-    autocast: Literal["none", "bf16", "fp16"] = "none"
+    # "auto": bf16 where the device computes it natively (else none)
+    autocast: Literal["none", "bf16", "auto", "fp16"] = "none"
     tf32: bool = True
     # CUDA only, one process: each meta-step is replayed from a CUDA graph
     # (metattn.recipe.CUDAGraphStep; Adam/AdamW with capturable=True). On an H100 a recipe
@@ -112,11 +117,7 @@ def _check_fields(section: str, cls: type, data: dict[str, Any]) -> dict[str, An
             where = f"{section}.{key}" if section else key
             raise ConfigError(f"{where}: unknown key; {hint}valid keys: {sorted(names)}")
         if not registry.type_ok(value, hints[key]) and not dataclasses.is_dataclass(hints[key]):
-            where = f"{section}.{key}" if section else key
-            raise ConfigError(
-                f"{where}: got {value!r} ({type(value).__name__}), expected {hints[key]}; "
-                "fix the value in the YAML or with --set"
-            )
+            raise registry.type_error(f"{section}.{key}" if section else key, value, hints[key])
     return data
 
 
@@ -187,6 +188,9 @@ def _check_numbers(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}={value}; it must be >= {least}")
     if not (math.isfinite(t.lr) and t.lr >= 0):
         raise ConfigError(f"train.lr={t.lr}; it must be a finite number >= 0")
+    if not (math.isfinite(t.checkpoint_minutes) and t.checkpoint_minutes >= 0):
+        raise ConfigError(f"train.checkpoint_minutes={t.checkpoint_minutes}; give minutes >= 0 "
+                          "(0: checkpoints by steps only)")
     if not t.weight_decay >= 0:
         raise ConfigError(f"train.weight_decay={t.weight_decay}; it must be >= 0")
     if t.ema is not None and not 0 < t.ema < 1:
@@ -213,9 +217,29 @@ def _check_numbers(cfg: RunConfig) -> None:
     if t.autocast == "fp16":
         raise ConfigError("train.autocast='fp16' has no loss scaling here (small gradients, "
                           "the inner loop's included, would underflow to zero); use 'bf16'")
-    if t.autocast != "none" and t.dtype == "float64":
+    if t.autocast not in ("none", "auto") and t.dtype == "float64":
         raise ConfigError(f"train.autocast={t.autocast!r} does nothing to float64 tensors; "
                           "use train.dtype=float32 with autocast, or autocast=none")
+
+
+class YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading numbers as YAML 1.2 does: ``5e-3`` is a float (YAML 1.1
+    wants ``5.0e-3``). Config files and ``--set`` values are read with it alike."""
+
+
+YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as metattn reads it (:class:`YAMLLoader`)."""
+    return yaml.load(text, Loader=YAMLLoader)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -224,16 +248,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.steps=100")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = parse_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e}); quote it, e.g. "
                           "--set 'model.hidden=[40, 40]'") from e
-    if isinstance(value, str):
-        # YAML reads "3e-4" as a string; accept it as a number.
-        try:
-            value = float(value) if any(c in value for c in ".eE") else value
-        except ValueError:
-            pass
     return key.strip().split("."), value
 
 
@@ -251,17 +269,39 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+SHIPPED = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> list[str]:
+    """The names of the configs that ship with metattn (``metattn train NAME``)."""
+    return sorted(p.stem for p in SHIPPED.glob("*.yaml"))
+
+
+def find_config(name_or_path: str | Path) -> Path:
+    """A YAML file's path: the path given, or the shipped config of that name
+    (``sinusoid_maml_quick`` or ``sinusoid_maml_quick.yaml``)."""
+    p = Path(name_or_path)
+    if p.exists() or len(p.parts) > 1 or p.suffix not in ("", ".yaml", ".yml"):
+        return p
+    shipped = SHIPPED / f"{p.stem}.yaml"
+    return shipped if shipped.is_file() else p
+
+
 def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config file, apply overrides and validate."""
-    p = Path(path)
+    """Read a YAML config file (a path, or the name of a shipped config), apply overrides
+    (``KEY=VALUE``) and validate."""
+    p = find_config(path)
     if p.is_dir():
         raise ConfigError(f"config {str(p)!r} is a directory; pass the path of a YAML file in "
                           "it (e.g. configs/sinusoid_maml_quick.yaml)")
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a YAML file "
-                          "(see configs/)")
+        names = shipped_configs()
+        close = difflib.get_close_matches(p.stem, names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"config {str(p)!r} does not exist; {hint}pass the path of a YAML file "
+                          f"or the name of a shipped config: {', '.join(names)}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = parse_yaml(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
     except (OSError, UnicodeDecodeError) as e:
@@ -272,6 +312,9 @@ def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     data = apply_overrides(data, overrides or [])
     data.setdefault("name", p.stem)
     return from_dict(data)
+
+
+load_config = load  # the public name: metattn.load_config(path, overrides)
 
 
 def dump(cfg: RunConfig) -> str:

@@ -20,7 +20,16 @@ class InnerLoopError(MetattnError, FloatingPointError):
 
 
 class ConfigError(MetattnError, ValueError):
-    """A configuration key is unknown, has the wrong type, or points to a missing file."""
+    """A configuration key is unknown, has the wrong type, or points to a missing file.
+
+    ``key``: the option at fault, when the message is ``"{key}=...; the fix"``; ``owner``
+    prefixes it in Python (``MAML: inner_steps=-1; ...``), and a config section names it
+    by its full key instead (``learner.inner_steps=-1; ...``, see
+    :func:`metattn.registry.build`)."""
+
+    def __init__(self, message: str, key: str | None = None, owner: str | None = None):
+        super().__init__(f"{owner}: {message}" if owner else message)
+        self.key, self.detail = key, message
 
 
 class DataError(MetattnError, ValueError):

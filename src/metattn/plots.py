@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from metattn.data.synthetic import SinusoidTasks  # noqa: E402
+from metattn.meta.base import LOSS_KEYS  # noqa: E402
 from metattn.meta.maml import MAML  # noqa: E402
 
 # (label, matplotlib style, predict(support_x, support_y, x) -> y) for one task
@@ -24,8 +25,10 @@ Curve = tuple[str, dict[str, Any], Callable[[torch.Tensor, torch.Tensor, torch.T
                                             torch.Tensor]]
 
 
-def training_curves(metrics_path: Path, out: Path) -> Path | None:
-    """Meta-training loss (and accuracy) against the outer step, with evaluation points."""
+def training_curves(metrics_path: Path, out: Path,
+                    inner_steps: tuple[int, int] | None = None) -> Path | None:
+    """Meta-training loss (and accuracy) against the outer step, with evaluation points;
+    ``inner_steps``: (training, test) inner steps of a MAML-family learner, for the labels."""
     if not metrics_path.is_file():
         return None
     train, evals = [], []
@@ -34,18 +37,21 @@ def training_curves(metrics_path: Path, out: Path) -> Path | None:
         (evals if rec.get("kind") == "eval" else train).append(rec)
     if not train:
         return None
-    keys = [k for k in ("loss", "accuracy") if k in train[0]]
+    keys = [k for k in (*LOSS_KEYS, "mse_queries", "accuracy") if k in train[0]]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        ax.plot([r["step"] for r in train], [r[key] for r in train], lw=1, label="train (query)")
+        after = "" if inner_steps is None else f" after {inner_steps[0]} inner step(s)"
+        ax.plot([r["step"] for r in train], [r[key] for r in train], lw=1,
+                label=f"training episodes' queries{after}")
         ev = [r for r in evals if key in r]
         if ev:
+            after = "" if inner_steps is None else f", after {inner_steps[1]} inner step(s)"
             ax.errorbar([r["step"] for r in ev], [r[key] for r in ev],
                         yerr=[r.get(f"{key}_ci95", 0) for r in ev], fmt="o-", ms=3,
-                        label="test episodes (95% CI)")
-        ax.set_xlabel("meta-iteration")
-        ax.set_ylabel(key)
-        if key == "loss":
+                        label=f"test episodes (95% CI){after}")
+        ax.set_xlabel("meta-iteration (outer step)")
+        ax.set_ylabel(f"query {key.replace('_', ' ')}")
+        if key != "accuracy":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -96,6 +102,8 @@ def sinusoid_panels(tasks: SinusoidTasks, curves: Sequence[Curve], path: Path,
             ax.plot(grid, predict(sx, sy, grid), label=label, **style)
         ax.plot(sx, sy, "^", color="tab:blue", ms=7, label=f"{sx.shape[0]} support points")
         ax.set_title(f"A={float(amp):.2f}, phase={float(phase):.2f}")
+        ax.set_xlabel("x")
+        ax.set_ylabel("y")
         ax.set_ylim(-5.5, 5.5)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="lower left")

@@ -70,10 +70,53 @@ def get_builder(group: str, kind: str) -> Callable[..., Any]:
 
 
 def ann_name(ann: Any) -> str:
-    """``int``, ``list[int]``, ``dict[str, int]``: an annotation as a user would write it."""
-    if isinstance(ann, type) and not typing.get_args(ann):
+    """An annotation as a user reads it: ``int``, ``a list of str``, ``one of 'adam', 'sgd'``,
+    ``a number or null``."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin in (typing.Union, types.UnionType):
+        names = [ann_name(a) for a in args if a is not type(None)]
+        text = " or ".join(names)
+        return f"{text} or null" if type(None) in args else text
+    if origin is typing.Literal:
+        shown = [repr(a) if isinstance(a, str) else str(a).lower() for a in args]
+        return shown[0] if len(shown) == 1 else "one of " + ", ".join(shown)
+    plural = {int: "integers", float: "numbers", str: "strings", bool: "true/false"}
+    if origin in (list, tuple, typing.Sequence) or ann in (list, tuple):
+        inner = [a for a in args if a is not Ellipsis]
+        return f"a list of {plural.get(inner[0], ann_name(inner[0]))}" if inner else "a list"
+    if origin is dict or ann is dict:
+        if len(args) == 2:
+            k, v = (plural.get(a, ann_name(a)) for a in args)
+            return f"a mapping of {k} to {v}"
+        return "a mapping"
+    names = {float: "a number", int: "an integer", bool: "true/false", str: "a string"}
+    if ann in names:
+        return names[ann]
+    if isinstance(ann, type):
         return ann.__name__
     return str(ann).replace("typing.", "")
+
+
+def choices(ann: Any) -> list[Any]:
+    """The values a Literal annotation allows (inside a union too); [] for other types."""
+    if typing.get_origin(ann) is typing.Literal:
+        return list(typing.get_args(ann))
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        return [c for a in typing.get_args(ann) for c in choices(a)]
+    return []
+
+
+def type_error(where: str, value: Any, ann: Any) -> ConfigError:
+    """``where: got VALUE (TYPE), expected ...; did you mean ...?`` for a value of the wrong
+    type or outside its choices."""
+    options = [c for c in choices(ann) if isinstance(c, str)]
+    close = difflib.get_close_matches(value, options, n=1) if isinstance(value, str) else []
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    kind = {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping", type(None): "null"}.get(type(value),
+                                                                      type(value).__name__)
+    return ConfigError(f"{where}: got {value!r} ({kind}), expected {ann_name(ann)}; {hint}fix "
+                       "the value in the YAML or with --set")
 
 
 def type_ok(value: Any, ann: Any) -> bool:
@@ -148,10 +191,7 @@ def check_options(group: str, kind: str, options: dict[str, Any]) -> None:
             )
         ann = keys[key][0]
         if not type_ok(value, ann):
-            raise ConfigError(
-                f"{group}.{key}: got {value!r} ({type(value).__name__}) but {kind!r} expects "
-                f"{ann_name(ann)}; fix the value in the YAML or --set"
-            )
+            raise type_error(f"{group}.{key}", value, ann)
     for n, (_, default) in keys.items():
         if default is REQUIRED and n not in options:
             raise ConfigError(f"{group}.{n}: required by {group}.kind={kind!r} but missing")
@@ -164,4 +204,10 @@ def build(group: str, spec: dict[str, Any], *supplied: Any) -> Any:
     if kind is None:
         raise ConfigError(f"{group}.kind: missing; choose one of {kinds(group)}")
     check_options(group, kind, spec)
-    return get_builder(group, kind)(*supplied, **spec)
+    try:
+        return get_builder(group, kind)(*supplied, **spec)
+    except ConfigError as err:
+        if err.key is None:
+            raise
+        # the builder's own check names its option; the config knows it as group.option
+        raise ConfigError(f"{group}.{err.detail}", key=f"{group}.{err.key}") from err

@@ -51,11 +51,11 @@ def sinusoid_mse_vs_shots(
             for b in eps:
                 b = b.to(p.device, p.dtype)
                 if hasattr(learner, "eval_inner_steps"):
-                    curve = learner.evaluate(b, steps=max(steps))["loss_per_step"]
+                    curve = learner.evaluate(b, steps=max(steps))["mse_per_step"]
                     for s in steps:
                         per_step[s].append(curve[:, s].float().cpu())
                 else:
-                    loss = learner.evaluate(b)["loss"].float().cpu()
+                    loss = learner.evaluate(b)["mse"].float().cpu()
                     for s in steps:
                         per_step[s].append(loss)
             out[k] = {s: finite_mean_ci95(torch.cat(v)) for s, v in per_step.items()}

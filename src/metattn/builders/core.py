@@ -6,12 +6,10 @@ Each function's signature (or options dataclass) is the schema of its config sec
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from metattn.data.synthetic import SinusoidTasks
-from metattn.meta.maml import MAML, MAMLOptions
+from metattn.meta.maml import ANIL, FOMAML, MAML, MAMLpp, MetaSGD
 from metattn.nn.backbones import MLP, Conv4, TokenTransformer, ViT
 from metattn.registry import register
 
@@ -64,8 +62,8 @@ def token_transformer(vocab_size: int = 1000, max_len: int = 32, n_classes: int 
 
 
 # ------------------------------------------------------------------ learners
-@register("learner", "maml", options=MAMLOptions)
-def maml(model: nn.Module, **options: Any) -> MAML:
-    """The whole MAML family (FOMAML, ANIL, Meta-SGD, MAML++ are options): the keys are
-    :class:`~metattn.meta.maml.MAMLOptions`'s fields."""
-    return MAML(model, **options)
+# The MAML family: one learner; the other kinds are presets of its options (the keys are
+# MAMLOptions' fields, with the preset's defaults).
+for _kind, _cls in (("maml", MAML), ("fomaml", FOMAML), ("anil", ANIL), ("metasgd", MetaSGD),
+                    ("mamlpp", MAMLpp)):
+    register("learner", _kind, options=_cls.Options)(_cls)

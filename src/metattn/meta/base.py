@@ -38,9 +38,56 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 
 
 def default_loss(batch_or_n_way: TaskBatch | int | None) -> LossFn:
-    """Cross-entropy for classification episodes (``n_way`` set), mean squared error otherwise."""
-    n_way = batch_or_n_way.n_way if isinstance(batch_or_n_way, TaskBatch) else batch_or_n_way
-    return F.cross_entropy if n_way is not None else mse_loss
+    """Cross-entropy for classification episodes (``n_way`` set), mean squared error otherwise.
+    Integer labels without ``n_way`` are refused: neither loss would be meant."""
+    if isinstance(batch_or_n_way, TaskBatch):
+        batch = batch_or_n_way
+        y = batch.support_y
+        if batch.n_way is None and not (y.dtype.is_floating_point or y.dtype.is_complex):
+            raise TaskError(
+                f"TaskBatch.support_y holds integer labels ({y.dtype}) but n_way is not set; "
+                "for classification pass n_way (TaskBatch(..., n_way=5)), for regression "
+                "float targets ([T, N, outputs])")
+        return F.cross_entropy if batch.n_way is not None else mse_loss
+    return F.cross_entropy if batch_or_n_way is not None else mse_loss
+
+
+# the names a loss goes by in metrics, summary.json and plots
+LOSS_KEYS = ("mse", "cross_entropy", "loss")
+
+
+def loss_name(loss_fn: LossFn) -> str:
+    """What a loss is called in metrics: ``mse``, ``cross_entropy``, or ``loss`` for another
+    (a user's own)."""
+    if loss_fn in (mse_loss, F.mse_loss):
+        return "mse"
+    # (the negative log-likelihood of log-probabilities is their cross-entropy)
+    return "cross_entropy" if loss_fn in (F.cross_entropy, F.nll_loss) else "loss"
+
+
+def check_batch(batch: object, who: str) -> TaskBatch:
+    """``batch`` if it is a :class:`TaskBatch`, else a TaskError saying how to make one."""
+    if not isinstance(batch, TaskBatch):
+        raise TaskError(
+            f"{who} takes a TaskBatch, got {type(batch).__name__}; build one with "
+            "mt.TaskBatch(support_x, support_y, query_x, query_y, n_way=...) (a leading task "
+            "dimension T on each), or sample one from a task sampler")
+    return batch
+
+
+def check_one_task(support_x: torch.Tensor, support_y: torch.Tensor, who: str) -> None:
+    """Refuse a support set with a task dimension where ONE task is expected: integer labels
+    are ``[N]`` and regression targets ``[N, outputs]``."""
+    if not isinstance(support_x, torch.Tensor) or not isinstance(support_y, torch.Tensor):
+        raise TaskError(f"{who}: support_x and support_y must be tensors, got "
+                        f"{type(support_x).__name__} and {type(support_y).__name__}")
+    labels = not support_y.dtype.is_floating_point
+    if support_y.dim() > (1 if labels else 2) or support_x.shape[:1] != support_y.shape[:1]:
+        raise TaskError(
+            f"{who} adapts to ONE task: support_x {tuple(support_x.shape)} and support_y "
+            f"{tuple(support_y.shape)} look like a batch of tasks (labels are [N], targets "
+            "[N, outputs]); pass batch.support_x[t], batch.support_y[t], or for many tasks "
+            "at once use evaluate(batch) (or MAML.predict)")
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,15 @@ from metattn.data.functions import (  # noqa: F401 (Curriculum* re-exported)
 )
 from metattn.data.tasks import TaskBatch
 from metattn.errors import ConfigError, TaskError
-from metattn.meta.base import Learner, LossFn, back_home, eval_mode, on_learner
+from metattn.meta.base import (
+    Learner,
+    LossFn,
+    back_home,
+    check_batch,
+    check_one_task,
+    eval_mode,
+    on_learner,
+)
 from metattn.nn.attention import MultiHeadAttention, record_attention
 from metattn.nn.incontext import ICLTransformer
 
@@ -91,6 +99,7 @@ class InContextLearner(Learner):
         self.loss_fn = loss_fn
 
     def _check(self, batch: TaskBatch) -> None:
+        check_batch(batch, "InContextLearner")
         if batch.n_way is not None:
             raise TaskError(
                 "InContextLearner: got a classification batch (n_way set); it regresses "
@@ -129,8 +138,9 @@ class InContextLearner(Learner):
         """Support and query points of each task form one prompt; the loss averages the
         squared error over every position (``loss_on="all"``) or the query positions.
 
-        Metrics: ``loss`` (MSE over the query positions, each seeing the support set and the
-        earlier queries), ``loss_all`` (MSE over every position). ``step`` is unused: the
+        Metrics: ``mse_queries`` (MSE over the query positions, each seeing the support set
+        and the earlier queries) and ``mse_all_positions`` (MSE over every position, what
+        ``loss_on="all"`` trains on). ``step`` is unused: the
         curriculum acts on the sampler (:class:`Curriculum`).
         """
         self._check(batch)
@@ -145,15 +155,16 @@ class InContextLearner(Learner):
             loss = loss_fn(pred[:, k:], ys[:, k:])
         with torch.no_grad():
             metrics = {
-                "loss": F.mse_loss(pred[:, k:], ys[:, k:]).detach(),
-                "loss_all": F.mse_loss(pred, ys).detach(),
+                "mse_queries": F.mse_loss(pred[:, k:], ys[:, k:]).detach(),
+                "mse_all_positions": F.mse_loss(pred, ys).detach(),
             }
         return loss, metrics
 
     def evaluate(self, batch: TaskBatch, loss_fn: LossFn | None = None) -> dict[str, torch.Tensor]:
         """Per-task metrics given the support set as context (queries independent).
 
-        * ``loss`` ``[T]``: query MSE (or ``loss_fn``) given all K support points.
+        * ``mse`` ``[T]``: query MSE given all K support points (``loss`` with a
+          ``loss_fn``).
         * ``error_vs_k`` ``[T, K + 1]``: the error-vs-k curve of Garg et al., column k the
           squared error / scale (d for dense linear tasks, see
           :func:`metattn.meta.baselines.error_vs_k`) of predicting a point from the
@@ -175,12 +186,13 @@ class InContextLearner(Learner):
             if isinstance(scale, torch.Tensor):
                 scale = scale.to(xs.dtype).unsqueeze(-1)
             err = (self.model(xs, ys) - ys).pow(2).flatten(2).sum(-1) / scale
-        return {"loss": loss, "error_vs_k": err}
+        return {"mse" if loss_fn is None else "loss": loss, "error_vs_k": err}
 
     def adapt(
         self, support_x: torch.Tensor, support_y: torch.Tensor, loss_fn: LossFn | None = None
     ) -> Callable[[torch.Tensor], torch.Tensor]:
         """Condition on one task's support set ``[k, d]``, ``[k, m]`` (no weight update)."""
+        check_one_task(support_x, support_y, "InContextLearner.adapt")
         return InContextPredictor(self.model, support_x, support_y)
 
     def query_attention(

@@ -36,7 +36,14 @@ from torch import nn
 
 from metattn.data.tasks import TaskBatch
 from metattn.errors import ConfigError, TaskError
-from metattn.meta.base import Learner, LossFn, accuracy
+from metattn.meta.base import (
+    Learner,
+    LossFn,
+    accuracy,
+    check_batch,
+    check_one_task,
+    loss_name,
+)
 from metattn.nn.attention import MultiHeadAttention
 
 
@@ -67,6 +74,23 @@ def _scalar(value: float, learn: bool, name: str) -> nn.Parameter | torch.Tensor
     return nn.Parameter(torch.tensor(float(value))) if learn else torch.tensor(float(value))
 
 
+def _embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model.features(x)`` (or ``model(x)``) flattened to ``[N, D]``."""
+    f = getattr(model, "features", None)
+    return (f(x) if callable(f) else model(x)).flatten(1)
+
+
+class _Encoder(nn.Module):
+    """:func:`_embed` as a module."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _embed(self.model, x)
+
+
 class MetricLearner(Learner):
     """Shared machinery: the batched encoder pass and the Learner contract.
 
@@ -83,11 +107,14 @@ class MetricLearner(Learner):
         self.test_shift = int(test_shift)
 
     # ------------------------------------------------------------------ pieces
+    def encoder(self) -> nn.Module:
+        """The embedding (:meth:`encode`, without test-time shifts) as an ordinary module in
+        eval mode, to save, ``torch.export`` or export to ONNX."""
+        return _Encoder(self.model).eval()
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Embed a flat batch ``[N, ...] -> [N, D]`` (``model.features`` if it exists)."""
-        f = getattr(self.model, "features", None)
-        z = f(x) if callable(f) else self.model(x)
-        return z.flatten(1)
+        return _embed(self.model, x)
 
     def encode_views(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`encode`, averaged in eval mode over the ``(2 s + 1)^2`` whole-pixel shifts of
@@ -169,6 +196,7 @@ class MetricLearner(Learner):
         self, batch: TaskBatch, loss_fn: LossFn | None = None, step: int | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean query loss over all tasks (+ auxiliary losses); ``step`` is unused."""
+        batch = check_batch(batch, f"{type(self).__name__}.meta_loss")
         loss_fn = loss_fn or self.loss_fn or self.default_loss()
         logits, zs, zq = self._forward(batch)
         n = logits.shape[-1]
@@ -176,7 +204,7 @@ class MetricLearner(Learner):
         extra = self._extra_loss(batch, zs, zq)
         loss = q_loss + sum(extra.values()) if extra else q_loss
         metrics = {
-            "loss": q_loss.detach(),
+            loss_name(loss_fn): q_loss.detach(),
             "accuracy": accuracy(logits.detach(), batch.query_y).mean(),
         }
         for k, v in extra.items():
@@ -185,18 +213,20 @@ class MetricLearner(Learner):
 
     def evaluate(self, batch: TaskBatch, loss_fn: LossFn | None = None
                  ) -> dict[str, torch.Tensor]:
-        """Per-task query ``loss`` ``[T]`` and ``accuracy`` ``[T]`` (no graph)."""
+        """Per-task query loss ``[T]`` (named by its function: ``cross_entropy``, or
+        ``loss`` for a ``loss_fn`` of the user's) and ``accuracy`` ``[T]`` (no graph)."""
+        batch = check_batch(batch, f"{type(self).__name__}.evaluate")
         loss_fn = loss_fn or self.loss_fn
         with torch.no_grad():
             logits, _, _ = self._forward(batch)
             y = batch.query_y
             if loss_fn is None:
-                f = self.default_loss()
-                per = f(logits.flatten(0, 1), y.flatten(), reduction="none")
+                loss_fn = self.default_loss()
+                per = loss_fn(logits.flatten(0, 1), y.flatten(), reduction="none")
                 loss = per.view(y.shape[0], -1).mean(1)
             else:
                 loss = torch.stack([loss_fn(logits[t], y[t]) for t in range(y.shape[0])])
-        return {"loss": loss, "accuracy": accuracy(logits, y)}
+        return {loss_name(loss_fn): loss, "accuracy": accuracy(logits, y)}
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor,
               loss_fn: LossFn | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -205,6 +235,7 @@ class MetricLearner(Learner):
         Nothing is trained; the support set is re-embedded with each query batch (see the
         module docstring), so the result matches ``evaluate`` on a batch of one task.
         """
+        check_one_task(support_x, support_y, f"{type(self).__name__}.adapt")
         sx, sy = support_x.detach()[None], support_y.detach()[None]
         n = int(sy.max()) + 1
 
@@ -285,7 +316,8 @@ class ProtoNet(MetricLearner):
         with torch.no_grad():
             logits = self.logits(zs, batch.support_y, zq, self._n_way(batch))
             metrics = {
-                "loss": F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten()),
+                "cross_entropy": F.cross_entropy(logits.flatten(0, 1),
+                                                 batch.query_y.flatten()),
                 "accuracy": accuracy(logits, batch.query_y).mean(),
                 "nca_loss": loss.detach(),
             }

@@ -18,7 +18,7 @@ from metattn.allocator import cpu_allocator_tuned
 from metattn.config import RunConfig, apply_overrides, from_dict, load
 from metattn.data.tasks import TaskBatch, fixed_episodes, mean_ci95, split_finite
 from metattn.errors import CheckpointError, ConfigError
-from metattn.meta.base import Learner, eval_mode
+from metattn.meta.base import LOSS_KEYS, Learner, eval_mode
 from metattn.optim import WeightAverage
 from metattn.recipe.build import build_learner, build_tasks
 from metattn.recipe.distributed import pick_device
@@ -53,7 +53,7 @@ def evaluate(learner: Learner, episodes: list[TaskBatch], device: torch.device,
                 on_chunk(done, total)
             done += b.num_tasks
             out = learner.evaluate(b.to(device, dtype))
-            loss = out.get("loss")
+            loss = next((out[k] for k in LOSS_KEYS if k in out), None)
             bad = (~torch.isfinite(loss.detach()) if loss is not None and loss.dim() == 1
                    else None)
             results[i] = {}
@@ -94,7 +94,8 @@ def evaluate(learner: Learner, episodes: list[TaskBatch], device: torch.device,
 
 def headline(result: dict[str, Any], n_way: int | None) -> tuple[str, float, float]:
     """The metric a run is judged by: accuracy for classification, else loss (MSE)."""
-    key = "accuracy" if n_way is not None and "accuracy" in result else "loss"
+    key = "accuracy" if n_way is not None and "accuracy" in result else next(
+        k for k in LOSS_KEYS if k in result)
     return key, float(result[key]), float(result[f"{key}_ci95"])
 
 

@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
+from metattn import checkpoint
 from metattn.config import RunConfig
 from metattn.data.tasks import TaskBatch, fixed_episodes
 from metattn.errors import ConfigError
-from metattn.meta.base import Learner
+from metattn.meta.base import LOSS_KEYS, Learner
 from metattn.optim import WeightAverage
 from metattn.recipe.budget import Callback, TimeBudget, time_budget
 from metattn.recipe.build import build, make_optimizer
@@ -110,7 +111,9 @@ def _train(cfg: RunConfig, out: Path, resume: bool, callbacks: list[Callback],
                                       progress, rank, world):
                         _save(run, cfg, state, stepper, device, clock)
                         break
-                if t.checkpoint_every and state.step % t.checkpoint_every == 0:
+                if (t.checkpoint_every and state.step % t.checkpoint_every == 0) or (
+                        t.checkpoint_minutes
+                        and state.seconds - state.saved_at >= 60 * t.checkpoint_minutes):
                     _save(run, cfg, state, stepper, device, clock)
             else:
                 if state.step > start or not run.ckpt.exists():
@@ -186,7 +189,8 @@ def _log_train(cfg: RunConfig, state: TrainState, lr: float | torch.Tensor, logg
         cb(state.step, vals)
     if callbacks and world > 1:
         cfg.train.steps = share(cfg.train.steps, world)
-    info = "  ".join(f"{k} {vals[k]:.4g}" for k in ("loss", "accuracy") if k in vals)
+    info = "  ".join(f"{k} {vals[k]:.4g}" for k in (*LOSS_KEYS, "mse_queries", "accuracy")
+                     if k in vals)
     progress.update(state.step, f"{info}  {vals['tasks_per_s']:.0f} tasks/s", cfg.train.steps)
 
 
@@ -220,6 +224,7 @@ def _save(run: RunDir, cfg: RunConfig, state: TrainState, stepper: Stepper,
           device: torch.device, clock: Callable[[], float]) -> None:
     state.seconds += stepper.drain(state.step)
     run.save(cfg, state, device, clock())
+    state.saved_at = state.seconds
 
 
 def _finish(cfg: RunConfig, state: TrainState, test_tasks: Any, out: Path,
@@ -238,10 +243,14 @@ def _finish(cfg: RunConfig, state: TrainState, test_tasks: Any, out: Path,
         summary = final_evaluation(cfg, learner, test_tasks, out, device, dtype, n_way,
                                    state.step, state.seconds, write=rank == 0, extra=extra,
                                    rank=rank, world=world)
+        if rank == 0:  # the weights the final evaluation scored, under their own names
+            checkpoint.save_weights(out, learner.model)
         if rank == 0 and cfg.train.plots:
             from metattn import plots
 
-            plots.training_curves(out / "metrics.jsonl", out / "training.png")
+            steps = getattr(learner, "inner_steps", None)
+            plots.training_curves(out / "metrics.jsonl", out / "training.png",
+                                  None if steps is None else (steps, learner.eval_inner_steps))
             learner.eval()  # the plot shows the model as evaluated (no dropout)
             plots.adaptation(test_tasks, learner, out / "adaptation.png", seed=cfg.eval.seed)
     return summary

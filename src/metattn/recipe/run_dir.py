@@ -22,7 +22,8 @@ from metattn.recipe.state import TrainState
 RESUMABLE_KEYS = {"train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
                   "train.progress", "train.tensorboard", "train.target", "eval.episodes",
                   "train.eval_episodes", "train.threads", "train.device", "train.max_seconds",
-                  "train.cuda_graph", "train.plots"}
+                  "train.cuda_graph", "train.plots",
+                  "train.checkpoint_minutes"}
 
 
 class RunDir:

@@ -29,6 +29,7 @@ class TrainState:
     step: int = 0
     seconds: float = 0.0
     best: float | None = None
+    saved_at: float = 0.0  # the training seconds at the last checkpoint
 
     def to_checkpoint(self, cfg: RunConfig, device: torch.device, now: float
                       ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -63,4 +64,5 @@ class TrainState:
         if device.type == "cuda" and "extra/cuda_rng" in tensors:
             torch.cuda.set_rng_state(tensors["extra/cuda_rng"], device)
         self.step, self.seconds, self.best = state["step"], state["seconds"], state.get("best")
+        self.saved_at = self.seconds
         self.window = Window(now, state, device)

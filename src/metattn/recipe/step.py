@@ -42,6 +42,29 @@ def meta_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: T
     return loss.detach(), {k: v.detach() for k, v in metrics.items()}
 
 
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """``train.autocast`` on ``device``: ``bf16`` -> bfloat16; ``auto`` -> bfloat16 where the
+    device computes it natively (a CUDA GPU that supports it; a CPU with AVX512-BF16 or
+    AMX), else None (float32 stays: emulated bf16 is slower); ``none`` -> None."""
+    if setting == "bf16":
+        return torch.bfloat16
+    if setting != "auto":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if device.type == "cpu" and native_cpu_bf16() else None
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (the avx512_bf16 or amx_bf16 flag)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
 def check_loss(loss: torch.Tensor, step: int, run_dir: Path, note: str = "") -> None:
     """A non-finite meta-loss ends the run with the last checkpoint kept."""
     if not torch.isfinite(loss):

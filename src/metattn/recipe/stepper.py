@@ -13,7 +13,7 @@ from metattn.data.tasks import TaskBatch
 from metattn.meta.base import Learner
 from metattn.recipe.cuda_graph import CUDAGraphStep
 from metattn.recipe.distributed import reduce_step
-from metattn.recipe.step import Metrics, check_loss, check_replayed, meta_step
+from metattn.recipe.step import Metrics, autocast_dtype, check_loss, check_replayed, meta_step
 
 
 class Stepper:
@@ -25,7 +25,8 @@ class Stepper:
                  device: torch.device, world: int, run_dir: Path, rank: int = 0,
                  start: int = 0):
         self.optimizer, self.device, self.world, self.run_dir = optimizer, device, world, run_dir
-        self.amp = torch.bfloat16 if cfg.train.autocast == "bf16" else None
+        self.amp = autocast_dtype(cfg.train.autocast, device) \
+            if cfg.train.dtype == "float32" else None
         self.grad_clip = cfg.train.grad_clip
         self.model: torch.nn.Module = learner
         if world > 1:

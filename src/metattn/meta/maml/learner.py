@@ -3,6 +3,7 @@ run by the strategy its :mod:`.plan` picks (:mod:`.execution`)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import warnings
@@ -18,7 +19,16 @@ from torch.func import functional_call
 
 from metattn.data.tasks import TaskBatch
 from metattn.errors import ConfigError, InnerLoopError, TaskError
-from metattn.meta.base import Learner, LossFn, accuracy, default_loss, mse_loss
+from metattn.meta.base import (
+    Learner,
+    LossFn,
+    accuracy,
+    check_batch,
+    check_one_task,
+    default_loss,
+    loss_name,
+    mse_loss,
+)
 from metattn.meta.maml.algorithm import (
     Params,
     Rates,
@@ -29,7 +39,14 @@ from metattn.meta.maml.algorithm import (
 )
 from metattn.meta.maml.execution import InnerJob, checkpointed, compiled, loop, taskwise, threads
 from metattn.meta.maml.execution import vmap as batched
-from metattn.meta.maml.options import MAMLOptions, resolve_names
+from metattn.meta.maml.options import (
+    ANILOptions,
+    FOMAMLOptions,
+    MAMLOptions,
+    MAMLppOptions,
+    MetaSGDOptions,
+    resolve_names,
+)
 from metattn.meta.maml.plan import Call, ModelFacts, Plan, make_plan
 from metattn.meta.norms import NormRewrite
 from metattn.nn.attention import MultiHeadAttention, double_backward, recording, unhooked
@@ -59,6 +76,29 @@ class AdaptedModel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with NormRewrite(split_affine=False) if self.norm_rewrite else nullcontext():
             return functional_call(self.model, (self.params, self.buffers), (x,))
+
+    def to_module(self) -> nn.Module:
+        """The adapted model as an ordinary ``nn.Module`` in eval mode: a copy of the model
+        holding the task's parameters, to save, ``torch.export`` or export to ONNX. It
+        computes what this object does: BatchNorm layers normalise with batch statistics
+        (their running statistics dropped), as in the inner loop."""
+        model = copy.deepcopy(self.model)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(self.params[name])
+        for mod in model.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and self.norm_rewrite:
+                mod.track_running_stats = False
+                mod.running_mean = mod.running_var = mod.num_batches_tracked = None
+            elif self.norm_rewrite and isinstance(mod, nn.modules.instancenorm._InstanceNorm):
+                mod.track_running_stats = False
+                mod.running_mean = mod.running_var = None
+        if self.norm_rewrite and not any(isinstance(m, nn.modules.batchnorm._NormBase)
+                                         for m in model.modules()):
+            raise ConfigError("to_module: the model normalises with F.batch_norm itself "
+                              "(has_norms=True), which a plain module cannot follow; call "
+                              "the adapted model instead")
+        return model.eval().requires_grad_(False)
 
 
 class MAML(Learner):
@@ -115,9 +155,12 @@ class MAML(Learner):
     update its running statistics (see :mod:`metattn.meta.norms`).
     """
 
-    def __init__(self, model: nn.Module, inner_lr: float = 0.4, **options: Any):
+    Options = MAMLOptions  # a preset (FOMAML, ANIL, ...) is MAML with other defaults
+
+    def __init__(self, model: nn.Module, inner_lr: float | None = None, **options: Any):
         super().__init__()
-        options["inner_lr"] = inner_lr
+        if inner_lr is not None:
+            options["inner_lr"] = inner_lr
         unknown = sorted(set(options) - _OPTIONS)
         if unknown:
             import difflib
@@ -126,7 +169,7 @@ class MAML(Learner):
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ConfigError(f"MAML: unknown option {unknown[0]!r}; {hint}options: "
                               f"{sorted(_OPTIONS)}")
-        opts = MAMLOptions(**options)
+        opts = self.Options(**options)
         self.options = opts
         self.model = model
         self.adapt_names = resolve_names(model, opts.inner_params)
@@ -137,11 +180,13 @@ class MAML(Learner):
         self._has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in mods)
         self._has_attention = any(isinstance(m, (MultiHeadAttention, nn.MultiheadAttention))
                                   for m in mods)
-        if opts.compile_inner is not False and self._facts().running_stats | self._declared_norms:
+        if opts.compile_inner is not False and (self._facts().running_stats
+                                           or self._declared_norms):
             raise ConfigError(
-                "MAML: compile_inner cannot trace the inner loop's norm rewrite, which this "
-                "model needs (BatchNorm with running statistics, or has_norms=True); build the "
-                "norms with track_running_stats=False or set compile_inner=False")
+                "compile_inner cannot trace the inner loop's norm rewrite, which this model "
+                "needs (BatchNorm with running statistics, or has_norms=True); build the norms "
+                "with track_running_stats=False or set compile_inner=False",
+                key="compile_inner", owner="MAML")
         params = dict(model.named_parameters())
         self.inner_lrs = nn.ParameterDict()
         mode, lr = opts.learn_inner_lr, opts.inner_lr
@@ -321,6 +366,7 @@ class MAML(Learner):
         the first-to-second-order switch).
         """
         o = self.options
+        batch = check_batch(batch, "MAML.meta_loss")
         loss_fn = loss_fn or o.loss_fn or default_loss(batch)
         n = o.inner_steps
         weights = msl_weights(n, step, o.msl_steps)
@@ -330,9 +376,9 @@ class MAML(Learner):
             s, q, out, loss = self._run(batch, loss_fn, n, self._first_order(step), record, w)
         if loss is None:
             loss = weighted(q, w).mean()
-        metrics = {"loss": q[:, -1].mean().detach()}
-        if n > 0:
-            metrics["support_loss"] = s[:, 0].mean().detach()
+        metrics = {loss_name(loss_fn): q[:, -1].mean().detach()}
+        if n > 0:  # the support loss at the meta-learned initialisation
+            metrics["support_loss_before"] = s[:, 0].mean().detach()
         if batch.n_way is not None:
             metrics["accuracy"] = accuracy(out[:, -1].detach(), batch.query_y).mean()
         return loss, metrics
@@ -342,14 +388,17 @@ class MAML(Learner):
     ) -> dict[str, torch.Tensor]:
         """Per-task query metrics after ``steps`` inner steps (default ``eval_inner_steps``).
 
-        Also returns ``loss_per_step`` ``[T, steps + 1]`` (column 0 = before adaptation) and,
-        for classification, ``accuracy_per_step``.
+        The loss is named by its function (``mse``, ``cross_entropy``, or ``loss``), with
+        ``<name>_per_step`` ``[T, steps + 1]`` (column 0 = before adaptation) and, for
+        classification, ``accuracy`` and ``accuracy_per_step``.
         """
+        batch = check_batch(batch, "MAML.evaluate")
         loss_fn = loss_fn or self.options.loss_fn or default_loss(batch)
         steps = self.options.eval_inner_steps if steps is None else steps
         with torch.no_grad(), _shape_errors(batch):
             _, q, out, _ = self._run(batch, loss_fn, steps, True, list(range(steps + 1)))
-        res = {"loss": q[:, -1], "loss_per_step": q}
+        name = loss_name(loss_fn)
+        res = {name: q[:, -1], f"{name}_per_step": q}
         if batch.n_way is not None:
             acc = accuracy(out, batch.query_y.unsqueeze(1))
             res["accuracy"] = acc[:, -1]
@@ -379,9 +428,7 @@ class MAML(Learner):
         steps: int | None = None,
     ) -> AdaptedModel:
         """Adapt to ONE task (inputs without a task dimension) and return the adapted model."""
-        if support_x.dim() < 2:
-            raise TaskError(f"MAML.adapt: support_x has shape {tuple(support_x.shape)}; pass "
-                            "one task's examples [N, ...]")
+        check_one_task(support_x, support_y, "MAML.adapt")
         steps = self.options.eval_inner_steps if steps is None else steps
         loss_fn = loss_fn or self.options.loss_fn or default_loss(
             None if support_y.dtype.is_floating_point else 0)
@@ -437,9 +484,15 @@ def _shape_errors(batch: TaskBatch) -> Iterator[None]:
         yield
     except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError on torch >= 2.5)
         raise
-    except RuntimeError as e:
+    except (RuntimeError, IndexError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-        if not any(k in msg for k in ("size", "shape", "dimension", "mat1", "mat2")):
+        if "out of bounds" in msg and batch.n_way is not None:
+            raise TaskError(
+                f"a label is beyond the model's outputs ({msg}): the batch's labels go up to "
+                f"n_way - 1 = {batch.n_way - 1}, so the model needs n_way = {batch.n_way} "
+                "outputs per example (e.g. model n_classes or out_features)") from e
+        if isinstance(e, IndexError) or not any(
+                k in msg for k in ("size", "shape", "dimension", "mat1", "mat2")):
             raise
         raise TaskError(
             f"the model could not run on this batch (support_x {tuple(batch.support_x.shape)}, "
@@ -447,43 +500,46 @@ def _shape_errors(batch: TaskBatch) -> Iterator[None]:
             "size (e.g. model.in_features) matches the data") from e
 
 
-def _signature() -> inspect.Signature:
+def _signature(options: type[MAMLOptions]) -> inspect.Signature:
     """``MAML(model, *, inner_lr=0.4, ...)`` for ``help()`` and editors: the options' fields."""
     positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    params = [inspect.Parameter("self", positional), inspect.Parameter("model", positional)]
-    for f in dataclasses.fields(MAMLOptions):
+    params = [inspect.Parameter("model", positional)]
+    for f in dataclasses.fields(options):
         kind = positional if f.name == "inner_lr" else inspect.Parameter.KEYWORD_ONLY
         params.append(inspect.Parameter(f.name, kind, default=f.default, annotation=f.type))
     return inspect.Signature(params)
 
 
-MAML.__init__.__signature__ = _signature()  # type: ignore[attr-defined]
 
 
 class FOMAML(MAML):
-    """First-order MAML: the meta-gradient ignores the second-order term."""
+    """First-order MAML: the meta-gradient ignores the second-order term
+    (``first_order=True`` by default)."""
 
-    def __init__(self, model: nn.Module, **options: Any):
-        super().__init__(model, **{"first_order": True, **options})
+    Options = FOMAMLOptions
 
 
 class ANIL(MAML):
-    """Almost No Inner Loop (Raghu et al. 2020): adapt only the head in the inner loop."""
+    """Almost No Inner Loop (Raghu et al. 2020): only the head adapts in the inner loop
+    (``inner_params="head"`` by default: a parameter or module name, or a list)."""
 
-    def __init__(self, model: nn.Module, head: Sequence[str] | str = "head", **options: Any):
-        super().__init__(model, inner_params=head, **options)
+    Options = ANILOptions
 
 
 class MetaSGD(MAML):
-    """Meta-SGD (Li et al. 2017): a learned inner learning rate per parameter element."""
+    """Meta-SGD (Li et al. 2017): a learned inner learning rate per parameter element
+    (``learn_inner_lr="per_param"`` by default)."""
 
-    def __init__(self, model: nn.Module, **options: Any):
-        super().__init__(model, **{"learn_inner_lr": "per_param", **options})
+    Options = MetaSGDOptions
 
 
 class MAMLpp(MAML):
-    """MAML++ (Antoniou et al. 2019): per-layer per-step rates, multi-step loss, DA."""
+    """MAML++ (Antoniou et al. 2019): per-layer per-step rates, the multi-step loss and
+    derivative-order annealing (``learn_inner_lr="per_layer_step"``, ``msl_steps=1000``,
+    ``second_order_start=1000`` by default)."""
 
-    def __init__(self, model: nn.Module, **options: Any):
-        super().__init__(model, **{"learn_inner_lr": "per_layer_step", "msl_steps": 1000,
-                                   "second_order_start": 1000, **options})
+    Options = MAMLppOptions
+
+
+for _cls in (MAML, FOMAML, ANIL, MetaSGD, MAMLpp):
+    _cls.__signature__ = _signature(_cls.Options)  # type: ignore[attr-defined]

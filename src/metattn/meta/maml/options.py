@@ -8,6 +8,7 @@ with ``metadata={"config": False}`` is Python-only, such as a loss function).
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -43,39 +44,78 @@ class MAMLOptions:
     compile_inner: bool | dict[str, Any] = False
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.inner_lr, (int, float)) and math.isfinite(self.inner_lr)
+                and self.inner_lr > 0):
+            _bad("inner_lr", f"inner_lr={self.inner_lr!r}; give a step size > 0 (0.4 for "
+                 "Omniglot's Conv-4, 0.01 for the sinusoid MLP)")
         for key in ("inner_steps", "msl_steps", "second_order_start"):
             if getattr(self, key) < 0:
-                raise ConfigError(f"MAML: {key}={getattr(self, key)}; it must be >= 0")
+                _bad(key, f"{key}={getattr(self, key)}; it must be >= 0")
         if self.eval_inner_steps is None:
             self.eval_inner_steps = self.inner_steps
         if self.eval_inner_steps < 0:
-            raise ConfigError(f"MAML: eval_inner_steps={self.eval_inner_steps}; it must be >= 0")
+            _bad("eval_inner_steps", f"eval_inner_steps={self.eval_inner_steps}; it must be "
+                 ">= 0")
         if self.learn_inner_lr not in (None, "scalar", "per_param", "per_layer_step"):
-            raise ConfigError(
-                f"MAML: learn_inner_lr={self.learn_inner_lr!r}; choose None, 'scalar', "
-                "'per_param' (Meta-SGD) or 'per_layer_step' (MAML++)")
+            _bad("learn_inner_lr", f"learn_inner_lr={self.learn_inner_lr!r}; choose null, "
+                 "'scalar', 'per_param' (Meta-SGD) or 'per_layer_step' (MAML++)")
         if self.vectorize not in (True, False, "auto"):
-            raise ConfigError(f"MAML: vectorize={self.vectorize!r}; choose True, False or "
-                              "'auto'")
+            _bad("vectorize", f"vectorize={self.vectorize!r}; choose true, false or 'auto'")
         if self.chunk_size is not None and self.chunk_size < 1:
-            raise ConfigError(f"MAML: chunk_size={self.chunk_size}; use a number of tasks >= 1, "
-                              "or None for all at once")
+            _bad("chunk_size", f"chunk_size={self.chunk_size}; use a number of tasks >= 1, or "
+                 "null for all at once")
         threads = self.task_threads
         if threads != "auto" and not (isinstance(threads, int) and not isinstance(threads, bool)
                                       and threads >= 1):
-            raise ConfigError(f"MAML: task_threads={threads!r}; use a number of threads >= 1 "
-                              "(1 = off) or 'auto'")
+            _bad("task_threads", f"task_threads={threads!r}; use a number of threads >= 1 "
+                 "(1 = off) or 'auto'")
         if not isinstance(self.compile_inner, (bool, dict)):
-            raise ConfigError(f"MAML: compile_inner={self.compile_inner!r}; use true/false or a "
-                              "dict of torch.compile options, e.g. {'mode': 'max-autotune'}")
+            _bad("compile_inner", f"compile_inner={self.compile_inner!r}; use true/false or a "
+                 "dict of torch.compile options, e.g. {'mode': 'max-autotune'}")
         if self.compile_inner is not False:
             if self.vectorize is True:
-                raise ConfigError("MAML: compile_inner compiles the per-task loop's inner step; "
-                                  "use vectorize=False or 'auto' (which then picks the loop)")
+                _bad("compile_inner", "compile_inner compiles the per-task loop's inner step; "
+                     "use vectorize=False or 'auto' (which then picks the loop)")
             if self.checkpoint:
-                raise ConfigError("MAML: compile_inner with checkpoint=True is not supported "
-                                  "(the recomputed steps run eagerly); drop one of them")
+                _bad("compile_inner", "compile_inner with checkpoint=True is not supported "
+                     "(the recomputed steps run eagerly); drop one of them")
         self.inner_lr = float(self.inner_lr)
+
+
+def _bad(key: str, message: str) -> None:
+    raise ConfigError(message, key=key, owner="MAML")
+
+
+# The family's other members are MAML with other defaults (Python classes and YAML kinds).
+@dataclass
+class FOMAMLOptions(MAMLOptions):
+    """First-order MAML: the meta-gradient without the second-order term."""
+
+    first_order: bool = True
+
+
+@dataclass
+class ANILOptions(MAMLOptions):
+    """ANIL (Raghu et al. 2020): only the head adapts in the inner loop."""
+
+    inner_params: list[str] | str | None = "head"
+
+
+@dataclass
+class MetaSGDOptions(MAMLOptions):
+    """Meta-SGD (Li et al. 2017): a learned inner rate per parameter element."""
+
+    learn_inner_lr: InnerLR | None = "per_param"
+
+
+@dataclass
+class MAMLppOptions(MAMLOptions):
+    """MAML++ (Antoniou et al. 2019): per-layer per-step rates, the multi-step loss and
+    derivative-order annealing over the first 1000 outer steps."""
+
+    learn_inner_lr: InnerLR | None = "per_layer_step"
+    msl_steps: int = 1000
+    second_order_start: int = 1000
 
 
 def resolve_names(model: nn.Module, names: Sequence[str] | str | None) -> list[str]:
@@ -89,16 +129,16 @@ def resolve_names(model: nn.Module, names: Sequence[str] | str | None) -> list[s
     for want in names:
         hit = [n for n in all_names if n == want or n.startswith(want + ".")]
         if not hit:
-            close = difflib.get_close_matches(want, all_names, n=3)
             prefixes = sorted({n.rsplit(".", 1)[0] for n in all_names if "." in n})
+            close = difflib.get_close_matches(want, prefixes + all_names, n=3)
             hint = f"did you mean {close}? " if close else ""
             raise ConfigError(
                 f"inner_params: the model has no parameter or module named {want!r}; {hint}"
                 f"parameters: {all_names[:12]}{' ...' if len(all_names) > 12 else ''}; "
-                f"modules: {prefixes[:12]}"
-            )
+                f"modules: {prefixes[:12]}", key="inner_params")
         chosen += [n for n in hit if n not in chosen]
     if not chosen:
-        raise ConfigError("MAML: inner_params=[] names no parameter to adapt; name some (ANIL: "
-                          "['head']) or leave inner_params unset to adapt all")
+        raise ConfigError("inner_params=[] names no parameter to adapt; name some (ANIL: "
+                          "['head']) or leave inner_params unset to adapt all",
+                          key="inner_params", owner="MAML")
     return chosen
