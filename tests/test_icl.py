@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -508,10 +509,18 @@ def test_demo_trains_both_learners_and_prints_one_table(tmp_path, capsys):
                       *[a for q in quick for a in ("--icl-set", q)]]) == 0
     out = capsys.readouterr().out
     assert "in-context: forward pass" in out and "MAML: after 10 steps" in out
+    assert "oracle" not in out and "next:" in out
     for k in (5, 10, 20):
         assert f"K={k}" in out
-    for name in ("maml_vs_icl.png", "maml/summary.json", "icl/summary.json"):
+    for name in ("maml_vs_icl.png", "maml/summary.json", "icl/summary.json", "results.md"):
         assert (tmp_path / name).is_file(), name
+    # the table holds each run's own summary: the same test tasks
+    table = json.loads((tmp_path / "results.json").read_text())["rows"]
+    maml = json.loads((tmp_path / "maml" / "summary.json").read_text())
+    icl = json.loads((tmp_path / "icl" / "summary.json").read_text())
+    assert table["10"][1][0] == pytest.approx(maml["mean"], rel=1e-12)  # K=10, 10 steps
+    assert table["20"][2][0] == pytest.approx(icl["mean"], rel=1e-12)  # K=20, forward pass
+    assert "| 10 | " in (tmp_path / "results.md").read_text()
 
 
 def test_shape_errors_give_the_right_fix():

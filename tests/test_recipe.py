@@ -429,3 +429,24 @@ def test_eval_uses_the_checkpoints_own_config(tmp_path, capsys):
     assert json.loads((out / "eval.json").read_text())["mean"] == a
     summary = json.loads((out / "summary.json").read_text())
     assert summary["episodes"] == 50
+
+
+def test_tensorboard_asked_for_and_missing_is_said(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    train(load(write_cfg(tmp_path, train__steps=2, train__tensorboard=True)), tmp_path / "r")
+    assert "tensorboard is not installed" in capsys.readouterr().err
+    assert (tmp_path / "r" / "metrics.jsonl").is_file()
+
+
+def test_the_recipe_reference_lists_every_key_with_its_default():
+    import dataclasses
+
+    from metattn.config import EvalConfig, TrainConfig
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "recipe.md").read_text()
+    for section, cls in (("train", TrainConfig), ("eval", EvalConfig)):
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = "null" if default is None else (
+                json.dumps(default) if not isinstance(default, str) else default)
+            assert f"| `{section}.{f.name}` | `{shown}` |" in doc, (section, f.name)

@@ -143,6 +143,9 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
             raise ConfigError(f"{group}.kind: missing; choose one of {registry.kinds(group)}")
         opts = {k: v for k, v in spec.items() if k != "kind"}
         registry.check_options(group, spec["kind"], opts)
+        # resolved: the kind's defaults written out, so config.yaml says what ran
+        setattr(cfg, group, {"kind": spec["kind"], **registry.defaults(group, spec["kind"]),
+                             **opts})
     for key in SPLIT_KEYS:
         if key in cfg.eval.task and cfg.eval.task[key] != cfg.task.get(key):
             raise ConfigError(

@@ -176,6 +176,13 @@ def schema(group: str, kind: str) -> tuple[dict[str, tuple[Any, Any]], bool]:
     return keys, any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+def defaults(group: str, kind: str) -> dict[str, Any]:
+    """A kind's options that have defaults, as plain YAML values (tuples as lists)."""
+    keys, _ = schema(group, kind)
+    return {k: list(d) if isinstance(d, tuple) else d for k, (_, d) in keys.items()
+            if d is not REQUIRED}
+
+
 def check_options(group: str, kind: str, options: dict[str, Any]) -> None:
     """Validate ``options`` against the kind's schema; raise ConfigError on a problem."""
     keys, open_ended = schema(group, kind)

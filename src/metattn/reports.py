@@ -30,8 +30,13 @@ def sinusoid_mse_vs_shots(
     seed: int = 20240,
     k_query: int = 100,
     tasks: SinusoidTasks | None = None,
+    chunk: int = 100,
 ) -> dict[int, dict[int, tuple[float, float, int]]]:
     """Test MSE (mean, 95% CI, diverged tasks) on fixed seeded sinusoid tasks, per K and steps.
+
+    The tasks of each K are the recipe's test episodes for that K (:func:`fixed_episodes`
+    with ``seed`` and ``chunk``, as ``eval.seed`` and ``eval.chunk``): a run trained and
+    evaluated at K gets the same number in its ``summary.json``.
 
     ``learner`` is a MAML-family learner (``evaluate(batch, steps=...)`` gives per-step losses)
     or any learner whose ``evaluate`` adapts by a forward pass (then every step count shows
@@ -46,7 +51,7 @@ def sinusoid_mse_vs_shots(
     with eval_mode(learner):
         for k in shots:
             sampler = dataclasses.replace(tasks, k_shot=k, k_query=k_query)
-            eps = fixed_episodes(sampler, episodes, seed + k)
+            eps = fixed_episodes(sampler, episodes, seed, chunk)
             per_step: dict[int, list[torch.Tensor]] = {s: [] for s in steps}
             for b in eps:
                 b = b.to(p.device, p.dtype)

@@ -4,8 +4,10 @@ evaluation's ``summary.json``; and the way back from a run directory to a traine
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from metattn import checkpoint
+from metattn import __version__, checkpoint
 from metattn.allocator import cpu_allocator_tuned
 from metattn.config import RunConfig, apply_overrides, from_dict, load
 from metattn.data.tasks import TaskBatch, fixed_episodes, mean_ci95, split_finite
@@ -124,7 +126,7 @@ def final_evaluation(cfg: RunConfig, learner: Learner, test_tasks: Any, run_dir:
         "learner": cfg.learner.get("kind"),
         "eval_inner_steps": getattr(learner, "eval_inner_steps", None),
         "device": str(device),
-        "torch": torch.__version__,
+        **provenance(),
         "malloc_tuned": cpu_allocator_tuned(),
         "results": res,
         **(extra or {}),
@@ -133,6 +135,27 @@ def final_evaluation(cfg: RunConfig, learner: Learner, test_tasks: Any, run_dir:
         name = "summary.json" if episodes is None else "eval.json"
         checkpoint.atomic_write_bytes(run_dir / name, json.dumps(summary, indent=1).encode())
     return summary
+
+
+def provenance() -> dict[str, Any]:
+    """What produced a result: metattn's version, the git commit of its source checkout
+    (None when installed from a package), torch's version."""
+    return {"metattn": __version__, "git_commit": _git_commit(), "torch": torch.__version__}
+
+
+@functools.cache
+def _git_commit() -> str | None:
+    src = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."],
+                           capture_output=True, text=True, timeout=5).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def load_run(run_dir: str | Path, overrides: list[str] | None = None,

@@ -4,6 +4,7 @@ metrics each log line averages, and the progress bars (rank 0 only)."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,7 +47,9 @@ class Logger:
 
                 self.tb = SummaryWriter(str(run_dir / "tb"))
             except ImportError:  # tensorboard is an optional extra
-                self.tb = None
+                print("[metattn] train.tensorboard is on but tensorboard is not installed "
+                      "(pip install 'metattn[tensorboard]'); logging to metrics.jsonl only",
+                      file=sys.stderr, flush=True)
 
     def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
         """One record: ``{"kind": kind, "step": step, **values}``."""

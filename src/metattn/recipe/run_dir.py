@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from metattn import checkpoint
-from metattn.config import RunConfig, config_diff, dump
+from metattn.config import RunConfig, config_diff, dump, from_dict
 from metattn.errors import CheckpointError, ConfigError, MetattnError, TrainingError
 from metattn.recipe.distributed import agree, share
 from metattn.recipe.state import TrainState
@@ -70,7 +70,8 @@ class RunDir:
             old = yaml.safe_load((self.path / "config.yaml").read_text())
             saved[1]["config"] = old  # (older checkpoints: for every rank)
         if old is not None:
-            diff = config_diff(old, cfg.to_dict(), ignore=RESUMABLE_KEYS)
+            # both resolved (every default written out), as configs are since 2026-12-07
+            diff = config_diff(from_dict(old).to_dict(), cfg.to_dict(), ignore=RESUMABLE_KEYS)
             if diff:
                 raise ConfigError(
                     "--resume: the config differs from the one in the run's checkpoint in "
