@@ -67,10 +67,10 @@ def test_muon_groups_follow_torch_muon(shape):
 def test_split_on_the_library_models():
     """Hidden matrices and filters get Muon; input layers, heads, positions and Meta-SGD's
     learned rates keep Adam."""
-    from metattn.recipe import build
+    from metattn.recipe import build_learner
 
-    def names(path: str, *sets: str) -> set[str]:
-        _, _, learner = build(load(path, list(sets)), torch.device("cpu"))
+    def names(path: str, *sets: str) -> set[str]:  # (the learner alone: no data needed)
+        learner = build_learner(load(path, list(sets)))
         by_id = {id(p): n for n, p in learner.named_parameters()}
         return {by_id[id(p)] for p in split_for_muon(learner.named_parameters())[0]}
 

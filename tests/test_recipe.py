@@ -450,3 +450,21 @@ def test_the_recipe_reference_lists_every_key_with_its_default():
             shown = "null" if default is None else (
                 json.dumps(default) if not isinstance(default, str) else default)
             assert f"| `{section}.{f.name}` | `{shown}` |" in doc, (section, f.name)
+
+
+@pytest.mark.parametrize("learner, model, message", [
+    ({"kind": "protonet", "scale": -1.0}, None, "^learner.scale=-1.0; it must be > 0"),
+    ({"kind": "matching", "temperature": 0.0}, None, "^learner.temperature=0.0"),
+    ({"kind": "incontext"}, {"kind": "icl_transformer", "d_x": 1, "token_layout": "mixed"},
+     "^model.token_layout: got 'mixed' .*one of 'shared', 'disjoint', 'paired'"),
+    ({"kind": "maml"}, {"kind": "token_transformer", "d_model": 10, "n_heads": 4},
+     "^model.n_heads=4 does not divide d_model=10"),
+])
+def test_model_and_learner_errors_name_their_config_key(tmp_path, learner, model, message):
+    data = json.loads(json.dumps(TINY))
+    data["learner"] = learner
+    if model is not None:
+        data["model"] = model
+    with pytest.raises(ConfigError, match=message):
+        train(from_dict(data), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

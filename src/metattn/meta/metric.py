@@ -69,8 +69,10 @@ def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _scalar(value: float, learn: bool, name: str) -> nn.Parameter | torch.Tensor:
-    if value <= 0:
-        raise ConfigError(f"{name}={value}; it must be > 0")
+    """``value`` (> 0) as a learned parameter or a constant; ``name``: ``Owner.key``."""
+    if not value > 0:
+        owner, key = name.split(".")
+        raise ConfigError(f"{key}={value}; it must be > 0", key=key, owner=owner)
     return nn.Parameter(torch.tensor(float(value))) if learn else torch.tensor(float(value))
 
 
@@ -102,8 +104,9 @@ class MetricLearner(Learner):
         self.model = model
         self.loss_fn = loss_fn
         if not 0 <= int(test_shift) <= 4:
-            raise ConfigError(f"{type(self).__name__}.test_shift={test_shift}; use 0 (off) "
-                              "to 4 pixels (each image is embedded (2 s + 1)^2 times)")
+            raise ConfigError(f"test_shift={test_shift}; use 0 (off) to 4 pixels (each image "
+                              "is embedded (2 s + 1)^2 times)", key="test_shift",
+                              owner=type(self).__name__)
         self.test_shift = int(test_shift)
 
     # ------------------------------------------------------------------ pieces
@@ -367,7 +370,8 @@ class MatchingNet(MetricLearner):
                     "(the model has no feature_dim attribute)"
                 )
             if self.fce_steps < 1:
-                raise ConfigError(f"MatchingNet.fce_steps={fce_steps}; it must be >= 1")
+                raise ConfigError(f"fce_steps={fce_steps}; it must be >= 1", key="fce_steps",
+                                  owner="MatchingNet")
             self.dim = int(d)
             self.g_lstm = nn.LSTM(self.dim, self.dim, batch_first=True, bidirectional=True)
             self.f_cell = nn.LSTMCell(2 * self.dim, self.dim)
@@ -465,10 +469,11 @@ class FEAT(MetricLearner):
                  loss_fn: LossFn | None = None, test_shift: int = 0):
         super().__init__(model, loss_fn, test_shift)
         for name, v in (("temperature", temperature), ("temperature2", temperature2)):
-            if v <= 0:
-                raise ConfigError(f"FEAT.{name}={v}; it must be > 0")
-        if balance < 0:
-            raise ConfigError(f"FEAT.balance={balance}; it must be >= 0 (0 = no regulariser)")
+            if not v > 0:
+                raise ConfigError(f"{name}={v}; it must be > 0", key=name, owner="FEAT")
+        if not balance >= 0:
+            raise ConfigError(f"balance={balance}; it must be >= 0 (0 = no regulariser)",
+                              key="balance", owner="FEAT")
         d = dim if dim is not None else getattr(model, "feature_dim", None)
         if d is None:
             raise ConfigError(

@@ -180,13 +180,12 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
         if d_model < 1 or n_heads < 1:
-            raise ConfigError(f"MultiHeadAttention: d_model={d_model}, n_heads={n_heads}; both "
-                              "must be >= 1")
+            raise ConfigError(f"n_heads={n_heads} with d_model={d_model}; both must be >= 1",
+                              key="n_heads", owner="MultiHeadAttention")
         if d_model % n_heads != 0:
-            raise ConfigError(
-                f"MultiHeadAttention: d_model={d_model} is not divisible by n_heads={n_heads}; "
-                "choose n_heads that divides d_model"
-            )
+            raise ConfigError(f"n_heads={n_heads} does not divide d_model={d_model}; choose "
+                              "n_heads that divides d_model", key="n_heads",
+                              owner="MultiHeadAttention")
         self.d_model = d_model
         self.n_heads = n_heads
         self.d_head = d_model // n_heads
@@ -281,7 +280,8 @@ class TransformerEncoder(nn.Module):
     ):
         super().__init__()
         if int(n_loops) < 1:
-            raise ConfigError(f"TransformerEncoder: n_loops={n_loops}; use n_loops >= 1")
+            raise ConfigError(f"n_loops={n_loops}; use n_loops >= 1", key="n_loops",
+                              owner="TransformerEncoder")
         self.n_loops = int(n_loops)
         self.layers = nn.ModuleList(
             TransformerBlock(d_model, n_heads, d_ff, dropout) for _ in range(n_layers)

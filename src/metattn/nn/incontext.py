@@ -51,10 +51,8 @@ class ICLTransformer(nn.Module):
     ):
         super().__init__()
         if token_layout not in ("shared", "disjoint", "paired"):
-            raise ConfigError(
-                f"ICLTransformer: token_layout={token_layout!r}; choose 'shared', 'disjoint' "
-                "or 'paired'"
-            )
+            raise ConfigError(f"token_layout={token_layout!r}; choose 'shared', 'disjoint' or "
+                              "'paired'", key="token_layout", owner="ICLTransformer")
         self.d_x, self.d_y = int(d_x), int(d_y)
         self.token_layout = token_layout
         disjoint = token_layout in ("disjoint", "paired")
