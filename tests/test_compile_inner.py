@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 import torch._dynamo
+import torch.nn.functional as F
 from models import make, meta_grad
 from torch import nn
 
@@ -255,3 +256,27 @@ def test_attributes_hooks_and_dropout_follow_the_eager_loop(fp64):
         torch.manual_seed(1)
         losses.append(learner.meta_loss(batch)[0].item())
     assert losses[1] == pytest.approx(losses[0], rel=1e-12)
+
+
+def test_compiled_steps_die_with_their_learner():
+    """The cache of compiled steps is keyed by the learner: dropping the learner frees the
+    model and its graphs (a value that pointed back at a weak key would pin both)."""
+    import gc
+    import weakref
+
+    from metattn.meta.maml.execution import compiled
+
+    m = nn.Linear(2, 2)
+    learner = mt.MAML(m, compile_inner=True)
+    compiled._compiled(learner, m, F.mse_loss, False, True)
+    model_ref = weakref.ref(m)
+    assert learner in compiled._CACHE
+    del learner, m
+    gc.collect()
+    assert model_ref() is None and len(compiled._CACHE) == 0
+
+
+def test_compile_inner_accepts_norms_declared_absent():
+    bn = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    assert mt.MAML(bn, compile_inner=True, has_norms=False).plan(
+        make("mlp")[1]).compiled  # has_norms=False: no rewrite to trace

@@ -23,15 +23,21 @@ def build_learner(cfg: RunConfig, device: torch.device | str = "cpu") -> Learner
     """The learner and its model, seeded by ``cfg.seed``, on ``device`` in
     ``train.dtype``."""
     torch.manual_seed(cfg.seed)
-    model = registry.build("model", cfg.model)
-    learner = registry.build("learner", cfg.learner, model)
-    return learner.to(device=device, dtype=getattr(torch, cfg.train.dtype))
+    return _learner(cfg, device)
 
 
 def build(cfg: RunConfig, device: torch.device) -> tuple[Any, Any, Learner]:
-    """Train sampler, test sampler and learner (with its model) from the config."""
+    """Train sampler, test sampler and learner (with its model) from the config, all after
+    ``torch.manual_seed(cfg.seed)``."""
+    torch.manual_seed(cfg.seed)
     train_tasks, test_tasks = build_tasks(cfg)
-    return train_tasks, test_tasks, build_learner(cfg, device)
+    return train_tasks, test_tasks, _learner(cfg, device)
+
+
+def _learner(cfg: RunConfig, device: torch.device | str) -> Learner:
+    model = registry.build("model", cfg.model)
+    learner = registry.build("learner", cfg.learner, model)
+    return learner.to(device=device, dtype=getattr(torch, cfg.train.dtype))
 
 
 def make_optimizer(cfg: RunConfig, learner: Learner, device: torch.device | None = None

@@ -75,15 +75,19 @@ class Window:
     """The step metrics since the last log line, and the tasks done in that time. Kept in
     checkpoints, so a resumed run logs the same averages as an uninterrupted one."""
 
-    def __init__(self, start: float, saved: dict[str, Any] | None = None,
-                 device: torch.device | None = None):
+    def __init__(self, saved: dict[str, Any] | None = None, device: torch.device | None = None):
         saved = saved or {}
         # (floats: the window's mean is taken in float32, which they hold exactly)
         self.values: dict[str, list[torch.Tensor]] = {
             k: [torch.tensor(x, device=device) for x in v]
             for k, v in (saved.get("log_window") or {}).items()}
         self.tasks = saved.get("log_tasks", 0)
-        self.start = start - saved.get("log_seconds", 0.0)
+        self.carried = saved.get("log_seconds", 0.0)  # the window's seconds before a resume
+        self.start = 0.0
+
+    def begin(self, now: float) -> None:
+        """The window's clock starts (right before the loop: setup is not training time)."""
+        self.start = now - self.carried
 
     def add(self, metrics: dict[str, torch.Tensor], tasks: int) -> None:
         """One step's metrics over ``tasks`` tasks."""

@@ -73,7 +73,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, callbacks: list[Callback],
     run.create(cfg)
     if device.type == "cuda" and hasattr(train_tasks, "to"):
         train_tasks = train_tasks.to(device)  # samplers that can draw episodes on the GPU
-    state = _start(cfg, learner, device, saved, budget, run, clock())
+    state = _start(cfg, learner, device, saved, budget, run)
     stepper = Stepper(cfg, learner, state.optimizer, device, world, out, rank, state.step)
     # periodic evaluations (progress, best, the target stop) use OTHER test episodes than
     # the final one (seed + 1), so the final number is never over episodes that decided
@@ -83,6 +83,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, callbacks: list[Callback],
     progress = Progress(main and t.progress, t.steps, state.step, main)
     _announce(progress, cfg, learner, device, world, state.step, budget, out)
     start, n_way = state.step, None
+    state.window.begin(clock())
     try:
         with StopRequest() as stop:
             while state.step < t.steps and not stepper.stopping(stop.requested):
@@ -132,14 +133,13 @@ def _train(cfg: RunConfig, out: Path, resume: bool, callbacks: list[Callback],
 
 def _start(cfg: RunConfig, learner: Learner, device: torch.device,
            saved: tuple[dict[str, torch.Tensor], dict[str, Any]] | None,
-           budget: TimeBudget | None, run: RunDir, now: float) -> TrainState:
+           budget: TimeBudget | None, run: RunDir) -> TrainState:
     """The train state of a new run, or of the checkpoint ``saved`` (and the horizon a time
     budget fitted there: the cosine schedule continues from it)."""
     opt, sched = make_optimizer(cfg, learner, device)
-    state = TrainState(learner, opt, sched, torch.Generator().manual_seed(cfg.seed),
-                       Window(now))
+    state = TrainState(learner, opt, sched, torch.Generator().manual_seed(cfg.seed), Window())
     if saved is not None:
-        state.restore(saved, cfg, device, now)
+        state.restore(saved, cfg, device)
         saved_steps = ((saved[1].get("config") or {}).get("train") or {}).get("steps")
         if budget is not None and cfg.train.schedule == "cosine" and saved_steps:
             cfg.train.steps = int(saved_steps)  # (the budget may still move it, up to its cap)
@@ -243,8 +243,10 @@ def _finish(cfg: RunConfig, state: TrainState, test_tasks: Any, out: Path,
         summary = final_evaluation(cfg, learner, test_tasks, out, device, dtype, n_way,
                                    state.step, state.seconds, write=rank == 0, extra=extra,
                                    rank=rank, world=world)
-        if rank == 0:  # the weights the final evaluation scored, under their own names
-            checkpoint.save_weights(out, learner.model)
+        model = getattr(learner, "model", None)
+        if rank == 0 and isinstance(model, torch.nn.Module):
+            # the weights the final evaluation scored, under the model's own names
+            checkpoint.save_weights(out, model)
         if rank == 0 and cfg.train.plots:
             from metattn import plots
 

@@ -44,7 +44,7 @@ class TrainState:
         return state, tensors
 
     def restore(self, saved: tuple[dict[str, torch.Tensor], dict[str, Any]], cfg: RunConfig,
-                device: torch.device, now: float) -> None:
+                device: torch.device) -> None:
         """Continue from a checkpoint (see :meth:`to_checkpoint`) with ``cfg``."""
         tensors, state = saved
         opt = self.optimizer
@@ -65,4 +65,4 @@ class TrainState:
             torch.cuda.set_rng_state(tensors["extra/cuda_rng"], device)
         self.step, self.seconds, self.best = state["step"], state["seconds"], state.get("best")
         self.saved_at = self.seconds
-        self.window = Window(now, state, device)
+        self.window = Window(state, device)

@@ -180,8 +180,8 @@ class MAML(Learner):
         self._has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in mods)
         self._has_attention = any(isinstance(m, (MultiHeadAttention, nn.MultiheadAttention))
                                   for m in mods)
-        if opts.compile_inner is not False and (self._facts().running_stats
-                                           or self._declared_norms):
+        if opts.compile_inner is not False and self._has_norms and (
+                self._facts().running_stats or self._declared_norms):
             raise ConfigError(
                 "compile_inner cannot trace the inner loop's norm rewrite, which this model "
                 "needs (BatchNorm with running statistics, or has_norms=True); build the norms "
@@ -284,7 +284,7 @@ class MAML(Learner):
             job = dataclasses.replace(job, step=checkpointed.step(job, contexts, plan.vmap,
                                                                   plan.chunk_size))
         if plan.compiled:
-            job = dataclasses.replace(job, step=compiled.step(job, o.compile_inner))
+            job = dataclasses.replace(job, step=compiled.step(job, o.compile_inner, self))
 
         def tasks(part: TaskBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             if plan.vmap:

@@ -38,8 +38,10 @@ from metattn.meta.maml.execution.job import InnerJob
 from metattn.nn.attention import unhooked
 
 _LOCK = threading.Lock()
-# per model: {(loss_fn, first_order): CompiledStep}, kept while the model lives
-_CACHE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+# per owner (the learner): {(loss_fn, first_order): CompiledStep}, kept while the owner lives.
+# Keyed by the owner, not the model: the compiled step holds the model, and a value that
+# referred to its own weak key would keep the entry (and the model) alive forever.
+_CACHE: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
 
 
 class _NotCompiled(Exception):
@@ -53,10 +55,11 @@ except ImportError:  # pragma: no cover (older torch)
     _GAVE_UP = (_NotCompiled,)
 
 
-def step(job: InnerJob, options: bool | dict[str, Any]) -> Step:
+def step(job: InnerJob, options: bool | dict[str, Any], owner: object) -> Step:
     """The compiled equivalent of :func:`~..algorithm.inner_step` for ``job`` (training
-    only). ``options``: ``True`` or a dict of ``torch.compile`` options."""
-    compiled = _compiled(job.model, job.loss_fn, job.first_order, options)
+    only). ``options``: ``True`` or a dict of ``torch.compile`` options; ``owner``: the
+    object whose life the compiled step lives for (its learner)."""
+    compiled = _compiled(owner, job.model, job.loss_fn, job.first_order, options)
 
     def compiled_step(forward_loss: ForwardLoss, params: Params, x: torch.Tensor,
                       y: torch.Tensor, rates: dict[str, Rate], create_graph: bool
@@ -68,13 +71,13 @@ def step(job: InnerJob, options: bool | dict[str, Any]) -> Step:
     return compiled_step
 
 
-def _compiled(model: nn.Module, loss_fn: LossFn, first_order: bool,
+def _compiled(owner: object, model: nn.Module, loss_fn: LossFn, first_order: bool,
               options: bool | dict[str, Any]) -> CompiledStep:
-    """One compiled step per model, loss function and order, kept for the model's life. It
+    """One compiled step per owner, loss function and order, kept for the owner's life. It
     always runs ``model`` (never a task thread's replica): compiled code takes the
     parameters as inputs and leaves the module alone, and one module object keeps one
     compiled graph."""
-    cache = _CACHE.setdefault(model, {})
+    cache = _CACHE.setdefault(owner, {})
     key = (loss_fn, first_order)
     if key not in cache:
         seen = {fn for fn, _ in cache}

@@ -34,7 +34,8 @@ _POOLS_LOCK = threading.Lock()
 
 def replica_of(model: nn.Module) -> nn.Module:
     """The model this unit runs: the worker thread's replica, or ``model`` itself outside."""
-    return _REPLICA.get() or model
+    replica = _REPLICA.get()
+    return model if replica is None else replica
 
 
 def _limit_threads(intra: int) -> None:
