@@ -11,7 +11,7 @@ position tables keep Adam (chosen by name: :data:`ADAM_PARTS`). One
 gives it about AdamW's RMS, so a rate tuned for Adam carries over.
 
 Also here: :class:`WeightAverage`, the exponential moving average of the weights that
-``train.ema`` evaluates with.
+``train.ema`` evaluates with (torch's ``AveragedModel`` with a warm-up decay).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from metattn.errors import ConfigError
 
@@ -137,32 +138,46 @@ class MuonAdam(torch.optim.Optimizer):
 
 class WeightAverage:
     """An exponential moving average of a module's parameters and floating-point buffers
-    (BatchNorm's running statistics), kept beside the live weights.
+    (BatchNorm's running statistics), kept beside the live weights: torch's
+    :class:`~torch.optim.swa_utils.AveragedModel` (a copy of the module) with a warm-up decay.
 
     ``update()`` after each optimiser step: ``avg <- avg + (1 - d) (live - avg)`` with
     ``d = min(decay, (1 + n) / (10 + n))`` at the ``n``-th update, so the first updates do not
-    tie the average to the random initialisation. ``swapped()`` puts the average into the
-    module for an evaluation and restores the live weights afterwards (training continues
-    from them). Integer buffers (BatchNorm's batch counter) are the live ones.
+    tie the average to the random initialisation (torch's ``get_ema_multi_avg_fn`` has a fixed
+    decay only). ``swapped()`` puts the average into the module for an evaluation and restores
+    the live weights afterwards (training continues from them). Integer buffers (BatchNorm's
+    batch counter) are the live ones.
     """
 
     def __init__(self, module: torch.nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
             raise ConfigError(f"train.ema={decay}; use a decay in (0, 1), e.g. 0.999, or null")
         self.decay = float(decay)
-        self.updates = 0
-        named = [(k, v) for k, v in module.state_dict(keep_vars=True).items()
-                 if v.is_floating_point()]
-        self.names = [k for k, _ in named]
-        self._live = [v.detach() for _, v in named]  # the module's own storage
-        self.average = [v.detach().clone() for _, v in named]
+        self.updates = 0  # counted here: the decay needs no read of a device counter
+        self.averaged = AveragedModel(module, multi_avg_fn=self._ema, use_buffers=True)
+        self.averaged.update_parameters(module)  # the first call copies: n_averaged = 1
+        live = module.state_dict(keep_vars=True)
+        self.names = [k for k, v in live.items() if v.is_floating_point()]
+        self._live = [live[k].detach() for k in self.names]  # the module's own storage
+        mine = self.averaged.module.state_dict(keep_vars=True)
+        self.average = [mine[k].detach() for k in self.names]
+        self.module = module
+
+    def _ema(self, averaged: list[torch.Tensor], live: list[torch.Tensor],
+             n_averaged: torch.Tensor) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        pairs = [(a, b) for a, b in zip(averaged, live, strict=True) if a.is_floating_point()]
+        if pairs:  # one fused multi-tensor lerp
+            torch._foreach_lerp_([a for a, _ in pairs], [b for _, b in pairs], 1.0 - d)
+        for a, b in zip(averaged, live, strict=True):
+            if not a.is_floating_point():
+                a.copy_(b)
 
     @torch.no_grad()
     def update(self) -> None:
-        """Move the average towards the live weights (one fused multi-tensor lerp)."""
+        """Move the average towards the live weights."""
         self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(self.average, self._live, 1.0 - d)
+        self.averaged.update_parameters(self.module)
 
     def state(self) -> dict[str, torch.Tensor]:
         """The average as named tensors (for a checkpoint), plus the update count."""
@@ -179,6 +194,7 @@ class WeightAverage:
         for avg, k in zip(self.average, keys, strict=True):
             avg.copy_(tensors[k])
         self.updates = int(tensors.get(f"{prefix}ema_updates", torch.tensor(0)))
+        self.averaged.n_averaged.fill_(self.updates + 1)
         return True
 
     @torch.no_grad()
