@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check for the issues "Speed and scale", "Vision" and "In-context
 # learners":
-#  0. the CUDA-only tests (tests/test_perf.py: CUDAGraphStep and the recipe's
+#  0. the CUDA-only tests (tests/test_cuda_graph.py: CUDAGraphStep and the recipe's
 #     train.cuda_graph against eager steps);
 #  1. benchmarks/throughput.py on CUDA, both workloads: metattn's vmap path against the plain
 #     per-task loop and `higher` (when importable), TF32 on (cuDNN's default); the vmap path
@@ -94,7 +94,7 @@ tp() {  # limit, name, then throughput.py arguments
 }
 if part tests; then  # the CUDA-only tests (CUDAGraphStep, the recipe's train.cuda_graph)
   echo; echo "### CUDA tests (at $((SECONDS - T0)) s)"
-  timeout 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_perf.py 2>&1 | tail -15 \
+  timeout 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py 2>&1 | tail -15 \
     || { echo "gpu_check: CUDA tests failed or timed out"; status=1; }
 fi
 if part throughput; then

@@ -1,7 +1,7 @@
 """Backbones used by the recipes. They are plain ``nn.Module`` s: any user module works too.
 
 Every backbone names its final classifier/regressor ``head`` so that ANIL can adapt only it
-(``adapt=["head"]``) and metric learners can drop it (``model.features``).
+(``inner_params=["head"]``) and metric learners can drop it (``model.features``).
 """
 
 from __future__ import annotations
