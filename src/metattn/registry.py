@@ -69,6 +69,11 @@ def get_builder(group: str, kind: str) -> Callable[..., Any]:
     return table[kind]
 
 
+# how a plain type reads in an error (an annotation, or the type of a value from YAML)
+_READABLE = {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+             list: "a list", dict: "a mapping", type(None): "null"}
+
+
 def ann_name(ann: Any) -> str:
     """An annotation as a user reads it: ``int``, ``a list of str``, ``one of 'adam', 'sgd'``,
     ``a number or null``."""
@@ -89,9 +94,8 @@ def ann_name(ann: Any) -> str:
             k, v = (plural.get(a, ann_name(a)) for a in args)
             return f"a mapping of {k} to {v}"
         return "a mapping"
-    names = {float: "a number", int: "an integer", bool: "true/false", str: "a string"}
-    if ann in names:
-        return names[ann]
+    if ann in _READABLE:
+        return _READABLE[ann]
     if isinstance(ann, type):
         return ann.__name__
     return str(ann).replace("typing.", "")
@@ -112,9 +116,7 @@ def type_error(where: str, value: Any, ann: Any) -> ConfigError:
     options = [c for c in choices(ann) if isinstance(c, str)]
     close = difflib.get_close_matches(value, options, n=1) if isinstance(value, str) else []
     hint = f"did you mean {close[0]!r}? " if close else ""
-    kind = {bool: "true/false", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "a mapping", type(None): "null"}.get(type(value),
-                                                                      type(value).__name__)
+    kind = _READABLE.get(type(value), type(value).__name__)
     return ConfigError(f"{where}: got {value!r} ({kind}), expected {ann_name(ann)}; {hint}fix "
                        "the value in the YAML or with --set")
 

@@ -180,8 +180,7 @@ class MAML(Learner):
         self._has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in mods)
         self._has_attention = any(isinstance(m, (MultiHeadAttention, nn.MultiheadAttention))
                                   for m in mods)
-        if opts.compile_inner is not False and self._has_norms and (
-                self._facts().running_stats or self._declared_norms):
+        if opts.compile_inner is not False and self._facts().loop_rewrite:
             raise ConfigError(
                 "compile_inner cannot trace the inner loop's norm rewrite, which this model "
                 "needs (BatchNorm with running statistics, or has_norms=True); build the norms "
@@ -433,8 +432,7 @@ class MAML(Learner):
         loss_fn = loss_fn or self.options.loss_fn or default_loss(
             None if support_y.dtype.is_floating_point else 0)
         fast, slow, buffers = self._split_params()
-        facts = self._facts()
-        rewrite = facts.has_norms and (facts.norms_declared or facts.running_stats)
+        rewrite = self._facts().loop_rewrite
         with torch.no_grad(), NormRewrite(split_affine=False) if rewrite else nullcontext():
             p, s, _, _ = inner_loop(functional(self.model, slow, buffers, loss_fn), fast,
                                     (support_x, support_y), None, steps, self._rates(), True, [])

@@ -40,6 +40,12 @@ class ModelFacts:
     draws_random: bool = False  # active dropout: random draws in the forward
     hooked: bool = False  # forward/backward hooks on a module (or global ones)
 
+    @property
+    def loop_rewrite(self) -> bool:
+        """Whether a task run without vmap needs the norm rewrite (batch statistics, no
+        running-stat updates): norms that keep running statistics, or declared norms."""
+        return self.has_norms and (self.norms_declared or self.running_stats)
+
 
 @dataclass(frozen=True)
 class Call:
@@ -119,7 +125,7 @@ def make_plan(opts: MAMLOptions, facts: ModelFacts, call: Call) -> Plan:
     if each:
         backward = ("task" if not vmap
                     else "chunk" if cs is not None and cs < call.num_tasks else "caller")
-    if not vmap and facts.has_norms and (facts.norms_declared or facts.running_stats):
+    if not vmap and facts.loop_rewrite:
         norms = "batch_stats"  # no running-stat updates (the loop needs no affine split)
     else:
         norms = "split_affine" if vmap and facts.has_norms else "as_is"
