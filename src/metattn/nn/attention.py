@@ -87,6 +87,14 @@ def _double_backward() -> bool:
     return False if torch.compiler.is_compiling() else _DOUBLE_BACKWARD.get()
 
 
+def record(module: nn.Module, weights: torch.Tensor | None) -> None:
+    """Add ``(module, weights)`` to the active :func:`record_attention` list, if any (every
+    attention implementation of metattn's, and the Hugging Face bridge, reports this way)."""
+    recorder = _recorder()
+    if recorder is not None and weights is not None:
+        recorder.append((module, _plain(weights.detach())))
+
+
 def recording() -> bool:
     """Whether a :func:`record_attention` block is active (MAML then loops over tasks: weights
     recorded inside vmap could not leave it)."""
@@ -224,8 +232,7 @@ class MultiHeadAttention(nn.Module):
         else:
             (q,) = self._fused((self.q_proj,), x)
             k, v = self._fused((self.k_proj, self.v_proj), context)
-        recorder = _recorder()
-        want = need_weights or recorder is not None
+        want = need_weights or recording()
         out, weights = scaled_dot_product_attention(
             q,
             k,
@@ -235,8 +242,7 @@ class MultiHeadAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             need_weights=want,
         )
-        if recorder is not None and weights is not None:
-            recorder.append((self, _plain(weights.detach())))
+        record(self, weights)
         out = self.out_proj(out.transpose(-3, -2).flatten(-2))
         if need_weights:
             return out, weights

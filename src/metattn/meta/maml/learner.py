@@ -217,7 +217,8 @@ class MAML(Learner):
             has_norms=self._has_norms, norms_declared=self._declared_norms,
             running_stats=any(isinstance(m, nn.modules.batchnorm._NormBase)
                               and getattr(m, "running_mean", None) is not None for m in mods),
-            draws_random=_draws_random_numbers(mods), hooked=not unhooked(*mods))
+            draws_random=_draws_random_numbers(mods), hooked=not unhooked(*mods),
+            vmappable=all(getattr(m, "vmappable", True) for m in mods))
 
     def _call(self, batch: TaskBatch, steps: int, first_order: bool, per_task_loss: bool
               ) -> Call:

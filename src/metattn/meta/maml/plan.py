@@ -8,6 +8,8 @@ memory. The choices, by measurement (torch 2.13; details in docs/performance.md)
   vmap for models without convolutions (the sinusoid MLP: 7x), the loop for convolutions
   (Conv-4: 2.5x; batched convolutions have no fast CPU path under vmap) and for attention
   models when task threads run the loop (the throughput transformer: 3.55 vs vmap 3.87 s/it).
+  Always the loop for a model with a module that says ``vmappable = False`` (a per-sentence
+  cache of frozen layers).
 * where the meta-gradient is taken: by the caller's ``backward`` over all tasks' graphs, or
   task by task (chunk by chunk under vmap) inside ``meta_loss`` (``per_task_backward``), so
   one task's graph is alive at a time.
@@ -39,6 +41,7 @@ class ModelFacts:
     running_stats: bool = False  # a BatchNorm that keeps running statistics
     draws_random: bool = False  # active dropout: random draws in the forward
     hooked: bool = False  # forward/backward hooks on a module (or global ones)
+    vmappable: bool = True  # no module says it cannot run under vmap (``vmappable = False``)
 
     @property
     def loop_rewrite(self) -> bool:
@@ -113,8 +116,8 @@ def make_plan(opts: MAMLOptions, facts: ModelFacts, call: Call) -> Plan:
     loop_threads = (min(task_threads(opts, facts, call), call.num_tasks)
                     if each and not checkpoint else 1)
     compiled = opts.compile_inner is not False and call.grad and not call.recording
-    if call.recording or compiled:  # recorded maps cannot leave a vmap; compiled: the loop's
-        vmap = False
+    if call.recording or compiled or not facts.vmappable:  # recorded maps cannot leave a
+        vmap = False  # vmap; compiled: the loop's; a model that cannot run under vmap
     elif opts.vectorize == "auto":
         vmap = call.device == "cuda" or not (
             facts.has_conv or (facts.has_attention and loop_threads > 1))
