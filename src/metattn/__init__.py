@@ -10,12 +10,14 @@ Learners
     MAMLOptions                           the MAML family's options, with defaults and checks
 Models
     MLP, Conv4, ViT, TokenTransformer     backbones
+    HFEncoder                             any Hugging Face encoder (pip install metattn[text])
     ICLTransformer                        the in-context regressor (Garg et al. 2022)
     MultiHeadAttention, TransformerBlock, TransformerEncoder, scaled_dot_product_attention
     double_backward, record_attention     attention's second-derivative path and read-out
 Tasks
     TaskBatch                             a batch of few-shot tasks (support and query sets)
     SinusoidTasks, OmniglotTasks          task samplers: the MAML paper's sinusoids, Omniglot
+    IntentTasks, load_intents             few-shot intent episodes (CLINC150, Banking77)
     LinearTasks, ReLUNetTasks, DecisionTreeTasks   in-context function families
     fixed_episodes, mean_ci95             the fixed test episodes, mean and 95% CI
 Runs
@@ -46,6 +48,8 @@ _EXPORTS = {
     "metattn.data.tasks": ("TaskBatch", "fixed_episodes", "mean_ci95"),
     "metattn.data.synthetic": ("SinusoidTasks",),
     "metattn.data.omniglot": ("OmniglotTasks",),
+    "metattn.data.intents": ("IntentTasks", "load_intents"),
+    "metattn.nn.hf": ("HFEncoder",),
     "metattn.data.functions": ("LinearTasks", "ReLUNetTasks", "DecisionTreeTasks"),
     "metattn.config": ("load_config",),
     "metattn.recipe": ("train", "load_run", "evaluate_run", "TimeBudget", "CUDAGraphStep"),

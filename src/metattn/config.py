@@ -122,7 +122,7 @@ def _check_fields(section: str, cls: type, data: dict[str, Any]) -> dict[str, An
 
 
 # Task keys that define the train/test split; eval.task may not change them.
-SPLIT_KEYS = ("kind", "protocol", "root")
+SPLIT_KEYS = ("kind", "protocol", "root", "dataset", "shots_per_intent", "seed")
 
 
 def from_dict(data: dict[str, Any]) -> RunConfig:

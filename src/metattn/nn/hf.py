@@ -77,6 +77,19 @@ def _register() -> None:
     AttentionMaskInterface.register("metattn", sdpa_mask)  # boolean masks, True = attend
 
 
+def _quiet(load: Any) -> nn.Module:
+    """``load()`` without transformers' per-load progress bar (a run logs what it loads)."""
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        return load()
+    finally:
+        if was:
+            logging.enable_progress_bar()
+
+
 def _stack(backbone: nn.Module) -> nn.ModuleList | None:
     """The encoder's layer list for BERT-like models (BERT, RoBERTa, MiniLM, ELECTRA,
     XLM-R), whose layers take ``(hidden, attention_mask=...)``; None for others."""
@@ -115,8 +128,8 @@ class HFEncoder(nn.Module):
                          "attention_dropout"):
                 if hasattr(config, name):
                     setattr(config, name, dropout)
-        self.backbone = AutoModel.from_pretrained(folder, config=config, local_files_only=True,
-                                                  attn_implementation="metattn")
+        self.backbone = _quiet(lambda: AutoModel.from_pretrained(
+            folder, config=config, local_files_only=True, attn_implementation="metattn"))
         if getattr(self.backbone, "pooler", None) is not None:
             self.backbone.pooler = None  # BERT's pooler: parameters no sentence embedding uses
         self.path, self.pooling, self.normalize = str(path), pooling, normalize
@@ -140,6 +153,7 @@ class HFEncoder(nn.Module):
         for mod in self._prefix_modules():
             mod.requires_grad_(False)
         self.head = nn.Linear(self.dim, n_classes) if n_classes else None
+        self.feature_dim = n_classes or self.dim  # what forward gives (metric learners read it)
         self.prefix_cache = self._memo() if cache and frozen_layers else None
         self.register_load_state_dict_post_hook(HFEncoder._reload)
         self.train()  # from_pretrained returns eval mode; a module starts in training mode
@@ -160,17 +174,34 @@ class HFEncoder(nn.Module):
         if module.prefix_cache is not None:  # new frozen weights: another memo
             module.prefix_cache = module._memo()
 
-    def warm(self, ids: torch.Tensor, batch: int = 256) -> None:
-        """Fill the frozen-layer cache for the sentences ``ids [N, L]``, in batches of similar
-        length (2.3x faster than unsorted batches of 64 on 2 CPU cores)."""
-        if self.prefix_cache is None:
-            return
+    def freeze(self) -> HFEncoder:
+        """Freeze every layer (the head, if any, stays trainable), e.g. to evaluate a trained
+        encoder: the outputs are unchanged and each sentence's layers then run once."""
+        stack = _stack(self.backbone)
+        if stack is None:
+            raise ConfigError(f"encoder {self.path!r}: freeze needs a BERT-like layer stack",
+                              key="frozen_layers")
+        self.frozen_layers = len(stack)
+        for mod in self._prefix_modules():
+            mod.requires_grad_(False)
+        self.prefix_cache = self._memo()
+        return self.train(self.training)
+
+    def encode(self, ids: torch.Tensor, batch: int = 256) -> torch.Tensor:
+        """``self(ids)`` for a whole corpus ``ids [N, L]``, without gradients, in eval mode,
+        in batches of similar length (2.3x the speed of unsorted batches of 64 on 2 CPU
+        cores); fills the frozen-layer cache on the way. The training flag is restored."""
+        was = self.training
+        self.eval()
         keep = ids != self.pad_id
         order = keep.sum(1).argsort()
-        for i in range(0, len(order), batch):
-            rows = order[i:i + batch]
-            width = int(keep[rows].sum(1).max())
-            self.prefix_cache.lookup(ids[rows, :width], keep[rows, :width], self._prefix)
+        parts = []
+        with torch.no_grad():
+            for i in range(0, len(order), batch):
+                rows = order[i:i + batch]
+                parts.append(self(ids[rows, : int(keep[rows].sum(1).max())]))
+        self.train(was)
+        return torch.cat(parts)[order.argsort()]
 
     def _prefix_modules(self) -> list[nn.Module]:
         if not self.frozen_layers:
