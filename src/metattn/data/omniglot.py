@@ -72,6 +72,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from metattn.data.paths import CHECKOUT_SHARED, cache_dir, find_data_root
 from metattn.data.tasks import TaskBatch
 from metattn.errors import DataError, TaskError
 
@@ -81,7 +82,7 @@ DRAWINGS = 20
 MAML_TRAIN_CHARACTERS = 1200
 URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/images_{split}.zip"
 # The shared data folder beside a source checkout (``<checkout>/../shared/data/omniglot``).
-CHECKOUT_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "omniglot"
+CHECKOUT_DATA = CHECKOUT_SHARED / "data" / "omniglot"
 # sha256 of the extracted files (``sha256sum`` lines "<hex>  <path>", sorted by path), as the
 # data README gives it: it holds for any zip of the official PNGs, rebuilt or not.
 CONTENT_SHA256 = {
@@ -142,26 +143,16 @@ def default_root() -> Path:
     """Where the zips are: ``$METATTN_DATA/omniglot`` when METATTN_DATA is set, else
     ``shared/data/omniglot`` beside the source checkout, else ``../shared/data/omniglot``
     from the current folder."""
-    env = os.environ.get("METATTN_DATA")
-    if env:
-        return Path(env).expanduser() / "omniglot"
-    local = Path("..") / "shared" / "data" / "omniglot"
-    for cand in (CHECKOUT_DATA, local):
-        if cand.is_dir():
-            return cand.resolve()
-    raise DataError(
-        f"Omniglot: no data folder given, METATTN_DATA is not set and neither {CHECKOUT_DATA} nor "
-        f"{local.resolve()} exists; pass root=<folder with images_background.zip and "
-        "images_evaluation.zip>, set METATTN_DATA=<folder containing omniglot/>, or fetch "
-        "the zips with metattn.data.omniglot.download(root)"
-    )
+    return find_data_root(
+        "omniglot", CHECKOUT_DATA,
+        "pass root=<folder with images_background.zip and images_evaluation.zip>, set "
+        "METATTN_DATA=<folder containing omniglot/>, or fetch the zips with "
+        "metattn.data.omniglot.download(root)")
 
 
 def default_cache_dir() -> Path:
     """``$METATTN_CACHE/omniglot`` if METATTN_CACHE is set, else ``~/.cache/metattn/omniglot``."""
-    env = os.environ.get("METATTN_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "metattn"
-    return base / "omniglot"
+    return cache_dir("omniglot")
 
 
 def _zip_path(root: Path, split: str) -> Path:
