@@ -29,19 +29,22 @@ def movielens(split: str, scenario: Literal["new_users", "new_items", "both_new"
 
 # ------------------------------------------------------------------ models
 @register("model", "melu")
-def melu(dim: int = 32, hidden: int = 64) -> nn.Module:
+def melu(dim: int = 32, hidden: int = 64, n_items: int = 0) -> nn.Module:
     """MeLU: item (genres, year) and user (age, gender, occupation, zip) embeddings, decision
-    layers ``fc1``, ``fc2`` (``hidden`` wide) and output ``out``."""
-    return MeLU(dim, hidden)
+    layers ``fc1``, ``fc2`` (``hidden`` wide) and output ``out``; ``n_items`` > 0 adds an
+    item-id embedding (zero for an item no training rating reaches: a new item)."""
+    return MeLU(dim, hidden, n_items)
 
 
 @register("model", "rating_set_transformer")
 def rating_set_transformer(dim: int = 32, d_model: int = 64, n_heads: int = 4,
-                           n_layers: int = 2, hidden: int = 64, dropout: float = 0.0
-                           ) -> nn.Module:
+                           n_layers: int = 2, hidden: int = 64, dropout: float = 0.0,
+                           n_items: int = 0, user_features: bool = True) -> nn.Module:
     """The query item attends over the support items and ratings (a Transformer set
-    encoder), then MeLU's decision layers; needs ``task.context: true``."""
-    return RatingSetTransformer(dim, d_model, n_heads, n_layers, hidden, dropout)
+    encoder), then MeLU's decision layers; needs ``task.context: true``. ``n_items``: as
+    for ``melu``; ``user_features: false`` leaves the user's demographics out."""
+    return RatingSetTransformer(dim, d_model, n_heads, n_layers, hidden, dropout, n_items,
+                                user_features)
 
 
 # ------------------------------------------------------------------ learners
