@@ -17,7 +17,7 @@ between users, so a paired CI that excludes 0 is a difference the table's CIs ca
     python benchmarks/movielens.py --quick                             # smoke run, ~1 min
     python benchmarks/movielens.py --reuse --out runs/bench-movielens  # re-score the runs
 
-The table is also written to ``OUT/table.json``; each run directory is
+The table is also written to ``OUT/table.json`` and ``OUT/table.md``; each run directory is
 ``OUT/<config name>``.
 """
 
@@ -123,6 +123,8 @@ def main() -> None:
     item_means = train.item_means()
     global_mean = float(train.y[torch.from_numpy(np.concatenate(train.rows))].mean())
     table: dict[str, dict] = {}
+    md = [f"K = {args.k_shot} support ratings, 10 query ratings, {args.draws} draws per "
+          "user; mean ± 95% CI over users", ""]
     for scenario in SCENARIOS:
         res = score(learners, data, args, scenario, item_means, global_mean)
         users = len(next(iter(res.values()))["mae"])
@@ -132,20 +134,27 @@ def main() -> None:
             table[scenario][method] = stats
             rows.append([method, *(fmt(*stats[k]) for k in METRICS),
                          ANCHOR[scenario] if method == "MeLU-style MAML" else ""])
+        md += [f"**{scenario}** ({users} users)", "",
+               "| method | MAE | RMSE | nDCG@1 | nDCG@3 | paper MAE |", "|---|---|---|---|---|---|",
+               *("| " + " | ".join(r) + " |" for r in rows), ""]
         print_table(f"MovieLens 100K, {scenario}: {users} users, K = {args.k_shot} support, "
                     f"10 query ratings, {args.draws} draws per user",
                     ["method", "MAE", "RMSE", "nDCG@1", "nDCG@3", "paper MAE"], rows)
         for ours, other in PAIRS:
             diff = {k: mean_ci95(res[ours][k] - res[other][k]) for k in METRICS}
             table[scenario][f"{ours} - {other} (paired)"] = diff
-            print(f"  {ours} - {other}, paired over users: "
-                  + ", ".join(f"{k} {fmt(*v)}" for k, v in diff.items()))
+            line = (f"{ours} - {other}, paired over users: "
+                    + ", ".join(f"{k} {fmt(*v)}" for k, v in diff.items()))
+            print("  " + line)
+            md.append(f"- {line}")
+        md.append("")
     seconds = time.perf_counter() - start
     print(f"total {seconds:.0f} s, {args.threads} thread(s), torch {torch.__version__}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.json").write_text(json.dumps(
         {"k_shot": args.k_shot, "draws": args.draws, "seconds": round(seconds, 1),
          "table": table}, indent=1))
+    (args.out / "table.md").write_text("\n".join(md))
 
 
 if __name__ == "__main__":
