@@ -137,6 +137,8 @@ def main() -> None:
         md += [f"**{scenario}** ({users} users)", "",
                "| method | MAE | RMSE | nDCG@1 | nDCG@3 | paper MAE |", "|---|---|---|---|---|---|",
                *("| " + " | ".join(r) + " |" for r in rows), ""]
+        left = MovieLensTasks("test", scenario, k_shot=args.k_shot, data=data).excluded
+        print(f"{scenario}: left out " + ", ".join(f"{v} {k}" for k, v in left.items()))
         print_table(f"MovieLens 100K, {scenario}: {users} users, K = {args.k_shot} support, "
                     f"10 query ratings, {args.draws} draws per user",
                     ["method", "MAE", "RMSE", "nDCG@1", "nDCG@3", "paper MAE"], rows)

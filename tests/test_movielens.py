@@ -106,6 +106,12 @@ def test_split_is_disjoint(real: ml.MovieLens, scenario: str) -> None:
     # every user has 13-100 ratings in the scenario, and at least K + 10
     counts = np.array([len(r) for r in test.rows])
     assert counts.min() >= 15 and counts.max() <= 100
+    # every user with a rating in the scenario is a task or counted as left out
+    u, i = real.ratings[:, 0], real.ratings[:, 1]
+    seen = (test.new_user[u] == new_users) & (test.new_item[i] == new_items) & \
+        ~np.isnat(real.release[i])
+    left = test.excluded["outside_13_100"] + test.excluded["fewer_than_k_shot_plus_k_query"]
+    assert len(np.unique(u[seen])) == len(test.users) + left
     # no query rating in any support set (a user rates an item once)
     b = test.every_user(seed=3)
     assert b.num_tasks == len(test.users) and b.support_x.shape[1:] == (5, ml.N_FEATURES)

@@ -45,6 +45,7 @@ recipe's fixed episodes).
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ FEATURES = ([f"genre_{i}" for i in range(N_GENRES)]
             + ["year", "age", "gender", "occupation", "zip", "item_id"])
 N_FEATURES = len(FEATURES)
 COL = {name: i for i, name in enumerate(FEATURES)}
+LOG = logging.getLogger(__name__)
 Scenario = Literal["new_users", "new_items", "both_new"]
 SCENARIOS: tuple[str, ...] = ("new_users", "new_items", "both_new")
 
@@ -324,6 +326,8 @@ class MovieLensTasks:
         s = protocol_split(self.data, split, scenario, min_tasks_ratings=k_shot + k_query,
                            user_seed=user_seed)
         self.users, self.rows, self.excluded = s.users, s.rows, s.excluded
+        LOG.info("MovieLens %s/%s, K=%d: %d users; left out: %s", split, scenario, k_shot,
+                 len(self.users), ", ".join(f"{v} {k}" for k, v in s.excluded.items()))
         self.new_user, self.new_item = s.new_user, s.new_item
         r = self.data.ratings
         self.x = torch.from_numpy(self.data.features(r[:, 0], r[:, 1]))
