@@ -86,8 +86,8 @@ class MeLU(nn.Module):
 class RatingSetTransformer(nn.Module):
     """The query item attends over the user's support items (item embedding + rating
     embedding) through a Transformer set encoder (no positions: the support is a set); the
-    query token's output, the user and item embeddings go through MeLU's decision layers,
-    whose output corrects the user's mean support rating (the prediction starts from the
+    query token's output and the item embedding (with ``user_features``, the user's
+    demographics too) go through MeLU's decision layers, whose output corrects the user's mean support rating (the prediction starts from the
     user-mean baseline and learns what the support set says beyond it).
 
     Each row carries its task's support set (``context=True`` rows, ``[..., columns +
@@ -102,7 +102,6 @@ class RatingSetTransformer(nn.Module):
         super().__init__()
         self.embed = MovieEmbedding(dim, n_items, n_genres)
         self.item_in = nn.Linear(self.embed.item_dim, d_model)
-        self.user_features = user_features
         self.user_in = nn.Linear(self.embed.user_dim, d_model) if user_features else None
         self.rating = nn.Embedding(6, d_model)  # ratings 1..5 (0 unused)
         self.encoder = TransformerEncoder(d_model, n_heads, n_layers, dropout=dropout)
@@ -123,15 +122,15 @@ class RatingSetTransformer(nn.Module):
         own = x[:, :c]
         ctx = x[:, c:].unflatten(-1, (width // (c + 1), c + 1))  # [B, K, c + 1]
         item = self.embed.item(own)
-        query = self.item_in(item)
+        query, side = self.item_in(item), item  # side: what the decision layers see besides h
         if self.user_in is not None:
             user = self.embed.user(own)
-            query, item = query + self.user_in(user), torch.cat([item, user], -1)
+            query, side = query + self.user_in(user), torch.cat([item, user], -1)
         support = self.item_in(self.embed.item(ctx[..., :c])) + self.rating(ctx[..., c].long())
         keep = ctx[..., c - 1] != own[:, None, c - 1]  # leave the row's own rating out
         keys = torch.cat([torch.ones_like(keep[:, :1]), keep], 1)
         h = self.encoder(torch.cat([query[:, None], support], 1), mask=keys[:, None, None, :])
-        z = torch.cat([h[:, 0], item], -1)
+        z = torch.cat([h[:, 0], side], -1)
         # a correction to the user's mean support rating (without the row's own)
         r = ctx[..., c] * keep
         mean = r.sum(-1, keepdim=True) / keep.sum(-1, keepdim=True).clamp_min(1)
