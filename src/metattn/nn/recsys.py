@@ -87,8 +87,9 @@ class RatingSetTransformer(nn.Module):
     """The query item attends over the user's support items (item embedding + rating
     embedding) through a Transformer set encoder (no positions: the support is a set); the
     query token's output and the item embedding (with ``user_features``, the user's
-    demographics too) go through MeLU's decision layers, whose output corrects the user's mean support rating (the prediction starts from the
-    user-mean baseline and learns what the support set says beyond it).
+    demographics too) go through MeLU's decision layers, whose output corrects the user's
+    mean support rating (the prediction starts from the user-mean baseline and learns what
+    the support set says beyond it).
 
     Each row carries its task's support set (``context=True`` rows, ``[..., columns +
     K * (columns + 1)]``, any K). A support row's own entry is masked out of the attention
