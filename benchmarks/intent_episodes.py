@@ -96,15 +96,12 @@ def run_episodes(args: argparse.Namespace) -> None:
         eps = {s: episodes_of(dataset, *s, args.episodes) for s in SETTINGS}
         frozen = build_learner(load(_config(dataset, "protonet")))
         frozen.model.freeze()
-        learners: dict[str, Any] = {"protonet (frozen)": lambda: frozen,
-                                    "logreg (frozen)": None}
-        learners |= {n: (lambda n=n: trained(dataset, n, out, args.budget, args.quick))
-                     for n in LEARNERS}
-        for name, make in learners.items():
+        for name in ["protonet (frozen)", "logreg (frozen)", *LEARNERS]:
             key = f"{dataset}/{name}"
             if key in done:
                 continue
-            learner = make() if make else None
+            learner = (frozen if name == "protonet (frozen)" else None if name.startswith(
+                "logreg") else trained(dataset, name, out, args.budget, args.quick))
             row = {}
             for (n, k), batches in eps.items():
                 if name in ("maml", "fomaml", "anil") and n != 5:
@@ -119,7 +116,7 @@ def run_episodes(args: argparse.Namespace) -> None:
             print(f"[intent] {key}: {row}", flush=True)
         cols = [f"{n}w{k}s" for n, k in SETTINGS]
         rows = [[name] + [_fmt(done[f"{dataset}/{name}"].get(c)) for c in cols]
-                for name in learners]
+                for name in ["protonet (frozen)", "logreg (frozen)", *LEARNERS]]
         print_table(f"{dataset}: held-out intents, accuracy % over {args.episodes} fixed "
                     "episodes (95% CI), 5 queries per intent", ["learner", *cols], rows)
 

@@ -6,18 +6,21 @@ Learners
     MAML, FOMAML, ANIL, MetaSGD, MAMLpp   the MAML family: one inner loop with options
     ProtoNet, MatchingNet, FEAT           metric learners: attention over the support set
     InContextLearner                      a Transformer that learns from its prompt
+    RatingMAML                            MAML reporting MAE, RMSE and nDCG (recommendation)
     Learner                               the contract every learner follows
     MAMLOptions                           the MAML family's options, with defaults and checks
 Models
     MLP, Conv4, ViT, TokenTransformer     backbones
     HFEncoder                             any Hugging Face encoder (pip install metattn[text])
     ICLTransformer                        the in-context regressor (Garg et al. 2022)
+    MeLU, RatingSetTransformer            rating models: MeLU's, and attention over a user's set
     MultiHeadAttention, TransformerBlock, TransformerEncoder, scaled_dot_product_attention
     double_backward, record_attention     attention's second-derivative path and read-out
 Tasks
     TaskBatch                             a batch of few-shot tasks (support and query sets)
     SinusoidTasks, OmniglotTasks          task samplers: the MAML paper's sinusoids, Omniglot
     IntentTasks, load_intents             few-shot intent episodes (CLINC150, Banking77)
+    MovieLensTasks                        MovieLens 100K users as cold-start tasks (MeLU)
     LinearTasks, ReLUNetTasks, DecisionTreeTasks   in-context function families
     fixed_episodes, mean_ci95             the fixed test episodes, mean and 95% CI
 Runs
@@ -42,7 +45,9 @@ _EXPORTS = {
     "metattn.meta.metric": ("ProtoNet", "MatchingNet", "FEAT"),
     "metattn.meta.incontext": ("InContextLearner",),
     "metattn.meta.base": ("Learner",),
-    "metattn.nn": ("MLP", "Conv4", "ViT", "TokenTransformer", "ICLTransformer",
+    "metattn.meta.ranking": ("RatingMAML",),
+    "metattn.nn": ("MLP", "Conv4", "ViT", "TokenTransformer", "ICLTransformer", "MeLU",
+                   "RatingSetTransformer",
                    "MultiHeadAttention", "TransformerBlock", "TransformerEncoder",
                    "scaled_dot_product_attention", "double_backward", "record_attention"),
     "metattn.data.tasks": ("TaskBatch", "fixed_episodes", "mean_ci95"),
@@ -50,6 +55,7 @@ _EXPORTS = {
     "metattn.data.omniglot": ("OmniglotTasks",),
     "metattn.data.intents": ("IntentTasks", "load_intents"),
     "metattn.nn.hf": ("HFEncoder",),
+    "metattn.data.movielens": ("MovieLensTasks",),
     "metattn.data.functions": ("LinearTasks", "ReLUNetTasks", "DecisionTreeTasks"),
     "metattn.config": ("load_config",),
     "metattn.recipe": ("train", "load_run", "evaluate_run", "TimeBudget", "CUDAGraphStep"),

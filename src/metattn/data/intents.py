@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from metattn.data.locations import data_root
+from metattn.data.paths import CHECKOUT_SHARED, find_data_root
 from metattn.data.tasks import TaskBatch
 from metattn.errors import DataError, TaskError
 
@@ -92,7 +92,9 @@ def _need(path: Path, name: str) -> Path:
 def _root(root: str | Path | None, name: str) -> Path:
     if root is not None:
         return Path(root).expanduser()
-    return data_root(name, f"get the files from {_GET[name]}")
+    return find_data_root(name, CHECKOUT_SHARED / "data" / name,
+                          f"pass root=<folder with the files>, set METATTN_DATA=<folder "
+                          f"containing {name}/>, or get the files from {_GET[name]}")
 
 
 def _labelled(pairs: list[tuple[str, str]], intents: list[str], where: str

@@ -72,8 +72,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metattn.data.locations import CHECKOUT_DATA as CHECKOUT
-from metattn.data.locations import cache_dir, data_root
+from metattn.data.paths import CHECKOUT_SHARED, cache_dir, find_data_root
 from metattn.data.tasks import TaskBatch
 from metattn.errors import DataError, TaskError
 
@@ -83,7 +82,7 @@ DRAWINGS = 20
 MAML_TRAIN_CHARACTERS = 1200
 URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/images_{split}.zip"
 # The shared data folder beside a source checkout (``<checkout>/../shared/data/omniglot``).
-CHECKOUT_DATA = CHECKOUT / "omniglot"
+CHECKOUT_DATA = CHECKOUT_SHARED / "data" / "omniglot"
 # sha256 of the extracted files (``sha256sum`` lines "<hex>  <path>", sorted by path), as the
 # data README gives it: it holds for any zip of the official PNGs, rebuilt or not.
 CONTENT_SHA256 = {
@@ -141,10 +140,14 @@ class Omniglot:
 
 # ------------------------------------------------------------------ locations
 def default_root() -> Path:
-    """Where the zips are (:func:`metattn.data.locations.data_root`)."""
-    return data_root("omniglot", "pass root=<folder with images_background.zip and "
-                     "images_evaluation.zip>, or fetch the zips with "
-                     "metattn.data.omniglot.download(root)", checkout=CHECKOUT_DATA)
+    """Where the zips are: ``$METATTN_DATA/omniglot`` when METATTN_DATA is set, else
+    ``shared/data/omniglot`` beside the source checkout, else ``../shared/data/omniglot``
+    from the current folder."""
+    return find_data_root(
+        "omniglot", CHECKOUT_DATA,
+        "pass root=<folder with images_background.zip and images_evaluation.zip>, set "
+        "METATTN_DATA=<folder containing omniglot/>, or fetch the zips with "
+        "metattn.data.omniglot.download(root)")
 
 
 def default_cache_dir() -> Path:

@@ -12,6 +12,7 @@ from metattn.nn.attention import (
 )
 from metattn.nn.backbones import MLP, Conv4, TokenTransformer, ViT
 from metattn.nn.incontext import ICLTransformer
+from metattn.nn.recsys import MeLU, RatingSetTransformer
 
 __all__ = [
     "MultiHeadAttention",
@@ -27,4 +28,6 @@ __all__ = [
     "ViT",
     "TokenTransformer",
     "ICLTransformer",
+    "MeLU",
+    "RatingSetTransformer",
 ]
