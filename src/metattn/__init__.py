@@ -13,6 +13,8 @@ Models
     ICLTransformer                        the in-context regressor (Garg et al. 2022)
     MultiHeadAttention, TransformerBlock, TransformerEncoder, scaled_dot_product_attention
     double_backward, record_attention     attention's second-derivative path and read-out
+    capture_attention, AttentionMaps, attention_rollout, push_attention
+                                          named per-layer maps, rollout, custom attention
 Tasks
     TaskBatch                             a batch of few-shot tasks (support and query sets)
     SinusoidTasks, OmniglotTasks          task samplers: the MAML paper's sinusoids, Omniglot
@@ -42,7 +44,9 @@ _EXPORTS = {
     "metattn.meta.base": ("Learner",),
     "metattn.nn": ("MLP", "Conv4", "ViT", "TokenTransformer", "ICLTransformer",
                    "MultiHeadAttention", "TransformerBlock", "TransformerEncoder",
-                   "scaled_dot_product_attention", "double_backward", "record_attention"),
+                   "scaled_dot_product_attention", "double_backward", "record_attention",
+                   "capture_attention", "AttentionMaps", "attention_rollout",
+                   "push_attention"),
     "metattn.data.tasks": ("TaskBatch", "fixed_episodes", "mean_ci95"),
     "metattn.data.synthetic": ("SinusoidTasks",),
     "metattn.data.omniglot": ("OmniglotTasks",),

@@ -76,6 +76,16 @@ def record_attention() -> Iterator[list[tuple[nn.Module, torch.Tensor]]]:
         _RECORDER.reset(token)
 
 
+def push_attention(module: nn.Module, weights: torch.Tensor) -> None:
+    """Hand ``module``'s attention ``weights [..., heads, L_q, L_k]`` to the active
+    :func:`record_attention` block (nothing happens outside one). Every metattn attention
+    module calls it; an attention of one's own (a wrapped Hugging Face layer, a metric
+    learner's attention over its support set) calls it to be captured the same way."""
+    recorder = _recorder()
+    if recorder is not None:
+        recorder.append((module, _plain(weights.detach())))
+
+
 def _recorder() -> list | None:
     # torch.compile cannot trace ContextVar.get (a graph break in every layer), and a compiled
     # graph could not honour a flag it was not traced with: compiled code neither records nor
@@ -236,7 +246,7 @@ class MultiHeadAttention(nn.Module):
             need_weights=want,
         )
         if recorder is not None and weights is not None:
-            recorder.append((self, _plain(weights.detach())))
+            push_attention(self, weights)
         out = self.out_proj(out.transpose(-3, -2).flatten(-2))
         if need_weights:
             return out, weights
