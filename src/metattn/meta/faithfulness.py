@@ -20,11 +20,12 @@ tokens of a text query); :func:`support_deletion` applies it to the attention le
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from metattn.data.tasks import TaskBatch
+from metattn.data.tasks import TaskBatch, mean_ci95
 from metattn.errors import ConfigError
 from metattn.meta.base import eval_mode
 from metattn.meta.metric import FEAT, MatchingNet, class_means
@@ -66,8 +67,23 @@ def deletion_test(weights: torch.Tensor, predict: Callable[[torch.Tensor], torch
     return out
 
 
-def _matching(learner: MatchingNet, batch: TaskBatch, n: int
-              ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+@dataclass
+class SupportAttention:
+    """An attention learner's queries' attention over their keys, for one batch of episodes.
+
+    ``weights [T, Q, K]`` (rows sum to 1); ``probs [T, Q, n_way]`` the class probabilities;
+    ``keys [T, K]`` the support example that shows each key; ``predict(drop [T, Q, K])`` the
+    probabilities with the marked keys removed; ``what`` the keys in words.
+    """
+
+    weights: torch.Tensor
+    probs: torch.Tensor
+    keys: torch.Tensor
+    predict: Callable[[torch.Tensor], torch.Tensor]
+    what: str
+
+
+def _matching(learner: MatchingNet, batch: TaskBatch, n: int) -> SupportAttention:
     zs, zq = learner.embed(batch.support_x, batch.query_x)
     s = learner.scores(zs, zq)  # [T, Q, S]
 
@@ -75,11 +91,12 @@ def _matching(learner: MatchingNet, batch: TaskBatch, n: int
         return learner.class_log_probs(s.masked_fill(drop, float("-inf")),
                                        batch.support_y, n).exp()
 
-    return torch.softmax(s, -1), predict
+    keys = torch.arange(s.shape[-1], device=s.device).expand(s.shape[0], -1)
+    return SupportAttention(torch.softmax(s, -1), predict(torch.zeros_like(s, dtype=torch.bool)),
+                            keys, predict, "support examples")
 
 
-def _feat(learner: FEAT, batch: TaskBatch, n: int
-          ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+def _feat(learner: FEAT, batch: TaskBatch, n: int) -> SupportAttention:
     zs, zq = learner.embed(batch.support_x, batch.query_x)
     protos = class_means(zs, batch.support_y, n)  # [T, n, D]
     T, Q = zq.shape[:2]
@@ -91,26 +108,55 @@ def _feat(learner: FEAT, batch: TaskBatch, n: int
         d = (zq.unsqueeze(-2) - adapted).pow(2).sum(-1)
         return torch.softmax(-d / learner.temperature, -1)
 
-    mha = learner.set_fn.attn
-    _, a = mha(protos, need_weights=True)
+    _, a = learner.set_fn.attn(protos, need_weights=True)
     rows = a.mean(-3)  # [T, n, n]: each prototype's attention over the prototypes
-    pred = predict(torch.zeros(T, Q, n, dtype=torch.bool, device=zq.device)).argmax(-1)
-    return rows.gather(1, pred.unsqueeze(-1).expand(T, Q, n)), predict
+    probs = predict(torch.zeros(T, Q, n, dtype=torch.bool, device=zq.device))
+    pred = probs.argmax(-1)
+    # the first support example of each class shows its prototype
+    keys = torch.stack([(batch.support_y == k).int().argmax(-1) for k in range(n)], -1)
+    return SupportAttention(rows.gather(1, pred.unsqueeze(-1).expand(T, Q, n)), probs, keys,
+                            predict, "class prototypes, as the predicted class's prototype "
+                            "attends to them in the set-to-set layer")
+
+
+def support_attention(learner: MatchingNet | FEAT, batch: TaskBatch) -> SupportAttention:
+    """The attention of an attention learner's queries over their support set (call it in
+    eval mode without a graph)."""
+    n = batch.n_way if batch.n_way is not None else int(batch.support_y.max()) + 1
+    if isinstance(learner, MatchingNet):
+        return _matching(learner, batch, n)
+    if isinstance(learner, FEAT):
+        return _feat(learner, batch, n)
+    raise ConfigError(f"the deletion test reads a learner's attention over its support set: "
+                      f"Matching Networks or FEAT, not {type(learner).__name__}")
 
 
 def support_deletion(learner: MatchingNet | FEAT, batch: TaskBatch, g: torch.Generator
                      ) -> dict[str, dict[str, torch.Tensor]]:
     """:func:`deletion_test` on an attention learner's episodes, in eval mode without a
     graph; each value is per episode ``[T]`` (the mean over its queries)."""
-    n = batch.n_way if batch.n_way is not None else int(batch.support_y.max()) + 1
-    if isinstance(learner, MatchingNet):
-        make = _matching
-    elif isinstance(learner, FEAT):
-        make = _feat
-    else:
-        raise ConfigError(f"the deletion test reads a learner's attention over its support "
-                          f"set: Matching Networks or FEAT, not {type(learner).__name__}")
     with eval_mode(learner), torch.no_grad():
-        weights, predict = make(learner, batch, n)
-        res = deletion_test(weights, predict, batch.query_y, g)
+        view = support_attention(learner, batch)
+        res = deletion_test(view.weights, view.predict, batch.query_y, g)
     return {how: {k: v.float().mean(-1) for k, v in r.items()} for how, r in res.items()}
+
+
+def faithfulness_table(learner: MatchingNet | FEAT, batches: list[TaskBatch], seed: int = 0
+                       ) -> list[dict[str, float | int | str]]:
+    """:func:`support_deletion` over ``batches`` (the fixed test episodes): one row per
+    removal with the mean and 95% CI over episodes of ``changed`` and ``true_prob_drop``."""
+    g = torch.Generator().manual_seed(seed)
+    parts: dict[str, dict[str, list[torch.Tensor]]] = {h: {} for h in REMOVALS}
+    for b in batches:
+        for how, r in support_deletion(learner, b, g).items():
+            for k, v in r.items():
+                parts[how].setdefault(k, []).append(v.cpu())
+    rows: list[dict[str, float | int | str]] = []
+    for how in REMOVALS:
+        row: dict[str, float | int | str] = {"removal": how}
+        for k, vs in parts[how].items():
+            v = torch.cat(vs)
+            row[k], row[f"{k}_ci95"] = mean_ci95(v)
+            row["episodes"] = v.numel()
+        rows.append(row)
+    return rows
