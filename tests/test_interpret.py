@@ -61,6 +61,18 @@ def test_capture_inside_double_backward_says_no_math_switch():
     assert maps.names[0] == "MultiHeadAttention" and maps.names[1] == "MultiHeadAttention@1"
 
 
+def test_cross_attention_is_captured_queries_by_keys():
+    torch.manual_seed(0)
+    mha = mt.MultiHeadAttention(8, 2)
+    x, ctx = torch.randn(3, 4, 8), torch.randn(3, 7, 8)
+    with torch.no_grad():
+        plain = mha(x, ctx)
+        out, maps = mt.capture_attention(mha, x, ctx)
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)
+    assert maps.stack().shape == (3, 1, 2, 4, 7)
+    torch.testing.assert_close(maps.weights[0].sum(-1), torch.ones(3, 2, 4))
+
+
 def test_matching_networks_attention_is_captured_as_one_head():
     torch.manual_seed(0)
     learner = MatchingNet(Conv4(1, 5, hidden=8)).eval()

@@ -22,6 +22,7 @@ Tasks
     fixed_episodes, mean_ci95             the fixed test episodes, mean and 95% CI
 Runs
     load_config, train, load_run, evaluate_run, TimeBudget, CUDAGraphStep
+    explain_run                           attention figures + offline HTML report of a run
 Errors
     MetattnError, ConfigError, TaskError, DataError, InnerLoopError, CheckpointError,
     TrainingError
@@ -53,6 +54,7 @@ _EXPORTS = {
     "metattn.data.functions": ("LinearTasks", "ReLUNetTasks", "DecisionTreeTasks"),
     "metattn.config": ("load_config",),
     "metattn.recipe": ("train", "load_run", "evaluate_run", "TimeBudget", "CUDAGraphStep"),
+    "metattn.explain": ("explain_run",),
     "metattn.errors": ("MetattnError", "ConfigError", "TaskError", "DataError",
                        "InnerLoopError", "CheckpointError", "TrainingError"),
 }
