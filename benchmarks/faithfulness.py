@@ -8,7 +8,8 @@ least attended one and prints how often the prediction changes and how much the 
 class's probability drops: mean ± 95% CI over the episodes. Also the run's accuracy, for
 context. The table is written to ``OUT/faithfulness.json`` too.
 
-    python benchmarks/faithfulness.py --seconds 120 --threads 2 --out runs/bench-faith
+    python benchmarks/faithfulness.py --seconds 240 --threads 2 --set train.autocast=auto \\
+        --set model.channels_last=true --out runs/bench-faith
     python benchmarks/faithfulness.py --runs runs/omniglot_5w1s_matching runs/intents_matching
 """
 
@@ -41,7 +42,7 @@ def _train(config: str, args: argparse.Namespace) -> Path:
                  "train.tensorboard=false", "train.plots=false", "train.schedule=cosine"]
     if args.threads:
         overrides.append(f"train.threads={args.threads}")
-    cfg = load(ROOT / config, overrides)
+    cfg = load(ROOT / config, overrides + list(args.set))
     if not (out / "summary.json").exists():
         train(cfg, out)
     return out
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> list[list[Any]]:
     p.add_argument("--episodes", type=int, default=None,
                    help="test episodes (default: each run's eval.episodes)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for the trained runs (repeatable)")
     p.add_argument("--out", default="runs/bench-faithfulness")
     args = p.parse_args(argv)
     if args.threads:

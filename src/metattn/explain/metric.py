@@ -81,6 +81,10 @@ def sections(ctx: Explained) -> list[Section]:
                  "to show or to test.")
         return [sec]
     sec = Section(f"{type(learner).__name__}: which support examples each query attends to")
+    if ctx.batch.support_x.dim() != 5:  # not images [T, S, C, H, W]: text draws its own
+        sec.note("The support examples are not images; a section builder for their kind "
+                 "(metattn.explain.register_builder) draws them.")
+        return [sec, faithfulness_section(ctx)]
     with eval_mode(learner), torch.no_grad():
         view = support_attention(learner, ctx.batch)
     sec.text(f"Keys: {view.what}. Green frame: the query's true class; red: the predicted "
