@@ -5,8 +5,9 @@ For each config it trains a short run (``--seconds`` of training, the cosine sch
 to it) unless ``--runs`` names existing run directories, then, on the run's fixed test
 episodes, removes from each query's attention the most attended key, a random one or the
 least attended one and prints how often the prediction changes and how much the true
-class's probability drops: mean ± 95% CI over the episodes. Also the run's accuracy, for
-context. The table is written to ``OUT/faithfulness.json`` too.
+class's probability drops (in-context regression runs: how far the prediction moves and how
+much its squared error grows): mean ± 95% CI over the episodes. Also the run's test metric,
+for context. The table is written to ``OUT/faithfulness.json`` too.
 
     python benchmarks/faithfulness.py --seconds 240 --threads 2 --set train.autocast=auto \\
         --set model.channels_last=true --out runs/bench-faith
@@ -48,8 +49,12 @@ def _train(config: str, args: argparse.Namespace) -> Path:
     return out
 
 
-def measure(run: Path, episodes: int | None) -> list[list[Any]]:
-    """The table's rows for one run directory."""
+LABELS = {"changed": "prediction changed", "true_prob_drop": "true-class prob. drop",
+          "abs_change": "|prediction change|", "error_increase": "squared error increase"}
+
+
+def measure(run: Path, episodes: int | None) -> tuple[tuple[str, ...], list[list[Any]]]:
+    """The measures' names and the table's rows for one run directory."""
     cfg, learner = load_run(run, device="cpu")
     _, test = build_tasks(cfg)
     n = episodes or cfg.eval.episodes
@@ -58,16 +63,18 @@ def measure(run: Path, episodes: int | None) -> list[list[Any]]:
     rows = faithfulness_table(learner, batches, cfg.eval.seed)
     seconds = time.perf_counter() - t0
     summary = json.loads((run / "summary.json").read_text())
-    acc = fmt(100 * summary["mean"], 100 * summary["ci95"], digits=2)
+    scale = 100 if summary["metric"] == "accuracy" else 1
+    score = f"{summary['metric']} {fmt(scale * summary['mean'], scale * summary['ci95'])}"
     task = cfg.test_task_spec()
-    setting = f"{task.get('n_way')}-way {task.get('k_shot')}-shot"
-    return [[cfg.name, setting, type(learner).__name__, acc, r["removal"],
-             fmt(r["changed"], r["changed_ci95"]),
-             fmt(r["true_prob_drop"], r["true_prob_drop_ci95"]), r["episodes"],
-             f"{seconds:.0f}"] for r in rows]
+    setting = (f"{task.get('n_way')}-way {task.get('k_shot')}-shot" if task.get("n_way")
+               else f"{task.get('kind')}, k = {task.get('k_shot')}")
+    keys = tuple(k for k in rows[0] if k in LABELS)
+    return keys, [[cfg.name, setting, type(learner).__name__, score, r["removal"],
+                   *(fmt(r[k], r[f"{k}_ci95"]) for k in keys), r["episodes"], f"{seconds:.0f}"]
+                  for r in rows]
 
 
-def main(argv: list[str] | None = None) -> list[list[Any]]:
+def main(argv: list[str] | None = None) -> dict[str, list[list[Any]]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", nargs="*", default=CONFIGS, help="configs to train and test")
     p.add_argument("--runs", nargs="*", default=None,
@@ -83,14 +90,18 @@ def main(argv: list[str] | None = None) -> list[list[Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = [Path(r) for r in args.runs] if args.runs else [_train(c, args) for c in args.configs]
-    rows = [row for run in runs for row in measure(run, args.episodes)]
-    print_table("Faithfulness: remove one attended key per query (mean ± 95% CI over "
-                "episodes)", ["run", "setting", "learner", "accuracy %", "removed",
-                              "prediction changed", "true-class prob. drop", "episodes",
-                              "s"], rows)
+    tables: dict[tuple[str, ...], list[list[Any]]] = {}
+    for run in runs:
+        keys, rows = measure(run, args.episodes)
+        tables.setdefault(keys, []).extend(rows)
+    for keys, rows in tables.items():
+        print_table("Faithfulness: remove one attended key per query (mean ± 95% CI over "
+                    "episodes)", ["run", "setting", "learner", "test metric", "removed",
+                                  *(LABELS[k] for k in keys), "episodes", "s"], rows)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "faithfulness.json").write_text(json.dumps(rows, indent=1))
-    return rows
+    out = {" / ".join(k): rows for k, rows in tables.items()}
+    (Path(args.out) / "faithfulness.json").write_text(json.dumps(out, indent=1))
+    return out
 
 
 if __name__ == "__main__":

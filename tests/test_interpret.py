@@ -153,3 +153,21 @@ def test_support_deletion_on_the_attention_learners(cls):
         assert bool(((res[how]["changed"] >= 0) & (res[how]["changed"] <= 1)).all())
     if cls is MatchingNet:  # the top support example weighs most: removing it costs most
         assert res["top"]["true_prob_drop"].mean() >= res["lowest"]["true_prob_drop"].mean()
+
+
+def test_prompt_deletion_on_in_context_regression():
+    """Removing a prompt point changes an in-context prediction; removing none would not
+    (the base prediction is the learner's own)."""
+    from metattn.meta.faithfulness import faithfulness_table, prompt_deletion
+
+    torch.manual_seed(0)
+    learner = mt.InContextLearner(mt.ICLTransformer(d_x=1, d_model=16, n_layers=2, n_heads=2,
+                                                    max_points=6))
+    b = mt.SinusoidTasks(k_shot=5, k_query=4).sample(3, torch.Generator().manual_seed(1))
+    res = prompt_deletion(learner, b, torch.Generator().manual_seed(0))
+    for how in ("top", "random", "lowest"):
+        assert res[how]["abs_change"].shape == (3,) and bool((res[how]["abs_change"] > 0).all())
+        assert bool(torch.isfinite(res[how]["error_increase"]).all())
+    rows = faithfulness_table(learner, [b, b], seed=0)
+    assert [r["removal"] for r in rows] == ["top", "random", "lowest"]
+    assert rows[0]["episodes"] == 6

@@ -5,6 +5,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import torch
 
+from metattn.explain.metric import faithfulness_section
 from metattn.explain.report import Section
 from metattn.explain.run import Explained
 from metattn.meta.base import eval_mode
@@ -80,4 +81,4 @@ def sections(ctx: Explained) -> list[Section]:
     sec.text(f"Last layer, heads averaged: the prompt point nearest the query (in x) gets "
              f"{float(share):.3f} of the query's attention on average (uniform: "
              f"{1 / b.support_x.shape[1]:.3f}).")
-    return [sec]
+    return [sec, faithfulness_section(ctx, "prompt point")]

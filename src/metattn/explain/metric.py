@@ -103,19 +103,23 @@ def sections(ctx: Explained) -> list[Section]:
     return [sec, faithfulness_section(ctx)]
 
 
-def faithfulness_section(ctx: Explained) -> Section:
+LABELS = {"changed": "prediction changed", "true_prob_drop": "true-class prob. drop",
+          "abs_change": "|prediction change|", "error_increase": "squared error increase"}
+
+
+def faithfulness_section(ctx: Explained, keys: str = "key") -> Section:
     """The deletion test's table over ``ctx.faith``."""
     sec = Section("Faithfulness: does the attention matter?")
     rows = faithfulness_table(ctx.learner, ctx.faith, ctx.seed)
-    sec.text("For each query one key is removed from its attention: the most attended one "
-             "(top), one drawn at random, or the least attended one (lowest); the query is "
-             "then predicted again. If the attention explains the prediction, removing the "
-             "top key changes it far more often than removing a random one. Mean and 95% CI "
+    sec.text(f"For each query one {keys} is removed from its attention: the most attended "
+             "one (top), one drawn at random, or the least attended one (lowest); the query "
+             "is then predicted again. If the attention explains the prediction, removing "
+             "the top one changes it far more than removing a random one. Mean and 95% CI "
              "over the fixed test episodes (each episode: the mean over its queries).")
-    sec.table(["removed", "prediction changed", "95% CI", "true-class prob. drop", "95% CI",
-               "episodes"],
-              [[r["removal"], r["changed"], r["changed_ci95"], r["true_prob_drop"],
-                r["true_prob_drop_ci95"], r["episodes"]] for r in rows])
+    measures = [k for k in rows[0] if k in LABELS]
+    header = ["removed"] + [h for k in measures for h in (LABELS[k], "95% CI")] + ["episodes"]
+    sec.table(header, [[r["removal"], *(r[x] for k in measures for x in (k, f"{k}_ci95")),
+                        r["episodes"]] for r in rows])
     sec.note("Attention is not automatically an explanation (Jain & Wallace 2019; Wiegreffe "
              "& Pinter 2019): this table is the check.")
     return sec

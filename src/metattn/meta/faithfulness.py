@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from metattn.data.tasks import TaskBatch, mean_ci95
 from metattn.errors import ConfigError
 from metattn.meta.base import eval_mode
+from metattn.meta.incontext import InContextLearner
 from metattn.meta.metric import FEAT, MatchingNet, class_means
 
 REMOVALS = ("top", "random", "lowest")
@@ -141,14 +142,17 @@ def support_deletion(learner: MatchingNet | FEAT, batch: TaskBatch, g: torch.Gen
     return {how: {k: v.float().mean(-1) for k, v in r.items()} for how, r in res.items()}
 
 
-def faithfulness_table(learner: MatchingNet | FEAT, batches: list[TaskBatch], seed: int = 0
+def faithfulness_table(learner: MatchingNet | FEAT | InContextLearner,
+                       batches: list[TaskBatch], seed: int = 0
                        ) -> list[dict[str, float | int | str]]:
-    """:func:`support_deletion` over ``batches`` (the fixed test episodes): one row per
-    removal with the mean and 95% CI over episodes of ``changed`` and ``true_prob_drop``."""
+    """The deletion test over ``batches`` (the fixed test episodes): :func:`support_deletion`
+    for the classifiers, :func:`prompt_deletion` for in-context regression. One row per
+    removal with the mean and 95% CI over episodes of each measure."""
     g = torch.Generator().manual_seed(seed)
+    test = prompt_deletion if isinstance(learner, InContextLearner) else support_deletion
     parts: dict[str, dict[str, list[torch.Tensor]]] = {h: {} for h in REMOVALS}
     for b in batches:
-        for how, r in support_deletion(learner, b, g).items():
+        for how, r in test(learner, b, g).items():
             for k, v in r.items():
                 parts[how].setdefault(k, []).append(v.cpu())
     rows: list[dict[str, float | int | str]] = []
@@ -160,3 +164,31 @@ def faithfulness_table(learner: MatchingNet | FEAT, batches: list[TaskBatch], se
             row["episodes"] = v.numel()
         rows.append(row)
     return rows
+
+
+def prompt_deletion(learner: InContextLearner, batch: TaskBatch, g: torch.Generator
+                    ) -> dict[str, dict[str, torch.Tensor]]:
+    """The deletion test for in-context regression: per query, the prompt point its
+    attention weighs most (last layer, heads averaged; x_i and y_i together), a random one or
+    the least weighed one leaves the prompt, and the query is predicted again. Per episode
+    ``[T]`` (mean over queries): ``abs_change`` ``|y_hat' - y_hat|`` and ``error_increase``,
+    the squared error's growth."""
+    sx, sy, qx, qy = batch.support_x, batch.support_y, batch.query_x, batch.query_y
+    T, k = sx.shape[:2]
+    Q = qx.shape[1]
+    if k < 2:
+        raise ConfigError("the prompt deletion test needs prompts of at least 2 points")
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    with eval_mode(learner), torch.no_grad():
+        w = learner.query_attention(sx, sy, qx).per_example[:, -1].mean(1)  # [T, Q, k]
+        base = learner.predict(sx, sy, qx)
+        for how in REMOVALS:
+            keep = ~F.one_hot(pick(w, how, g), k).bool()  # [T, Q, k]
+            sx2, sy2 = (t.unsqueeze(1).expand(T, Q, *t.shape[1:])[keep]
+                        .view(T * Q, k - 1, t.shape[-1]) for t in (sx, sy))
+            p = learner.predict(sx2, sy2, qx.reshape(T * Q, 1, -1))
+            p = p.view_as(base)
+            err = (p - qy).pow(2).sum(-1) - (base - qy).pow(2).sum(-1)
+            out[how] = {"abs_change": (p - base).norm(dim=-1).mean(-1),
+                        "error_increase": err.mean(-1)}
+    return out
