@@ -20,18 +20,20 @@ def applies(ctx: Explained) -> bool:
 
 
 def _episode(ctx: Explained, t: int) -> tuple[AttentionMaps, AttentionMaps, dict[str, float]]:
-    """One episode's query attention before and after adaptation, and each parameter's
-    relative change ``||theta' - theta|| / ||theta||``."""
+    """One episode's query attention before and after adaptation, and each layer's relative
+    parameter change ``||theta' - theta|| / ||theta||`` (its weight and bias together)."""
     learner, b = ctx.learner, ctx.batch
     model = learner.model
     adapted = learner.adapt(b.support_x[t], b.support_y[t])
     with torch.no_grad():
         _, before = capture_attention(model, b.query_x[t], root=model)
         _, after = capture_attention(adapted, b.query_x[t], root=model)
-        change = {}
+        moved: dict[str, list[float]] = {}  # layer -> [sum ||d||^2, sum ||theta||^2]
         for name, p in model.named_parameters():
-            d = (adapted.params[name] - p).norm() / p.norm().clamp_min(1e-12)
-            change[name] = float(d)
+            acc = moved.setdefault(name.rpartition(".")[0] or name, [0.0, 0.0])
+            acc[0] += float((adapted.params[name] - p).pow(2).sum())
+            acc[1] += float(p.pow(2).sum())
+    change = {k: (d / max(n, 1e-24)) ** 0.5 for k, (d, n) in moved.items()}
     return before, after, change
 
 
@@ -145,8 +147,8 @@ def _parameter_section(ctx: Explained, changes: list[dict[str, float]]) -> Secti
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     ctx.figures.add(sec, fig, "maml_parameters",
-                    "Relative change of each parameter tensor after the inner loop (0: frozen "
-                    "in the inner loop, e.g. ANIL's body).")
-    sec.table(["parameter", "relative change", "95% CI"],
+                    "Relative change of each layer's parameters (weight and bias together) "
+                    "after the inner loop (0: not adapted, e.g. ANIL's body).")
+    sec.table(["layer", "relative change", "95% CI"],
               sorted(([n, m, ci] for n, m, ci in moved), key=lambda r: -r[1]))
     return sec

@@ -61,7 +61,9 @@ def double_backward_enabled() -> bool:
 
 @contextmanager
 def record_attention() -> Iterator[list[tuple[nn.Module, torch.Tensor]]]:
-    """Collect ``(module, weights)`` from every :class:`MultiHeadAttention` called inside.
+    """Collect ``(module, weights)`` from every :class:`MultiHeadAttention` called inside (and
+    from any other attention handed to :func:`push_attention`); named, stacked maps:
+    :func:`metattn.nn.interpret.capture_attention`.
 
     Weights have shape ``[..., heads, L_q, L_k]`` and are detached. Recording forces the
     math path, which computes the weights explicitly, and MAML's per-task loop (not vmap), so
