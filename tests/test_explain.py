@@ -3,6 +3,7 @@ self-contained HTML report; the report opened in a real headless chromium."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -96,6 +97,20 @@ def test_explain_writes_figures_and_a_self_contained_report(name, tmp_path, imag
     main(["explain", str(run), "--episodes", "2", "--faith-episodes", "6", "--out",
           str(again)])
     assert _images((again / "report.html").read_text()) == srcs
+
+
+def test_faithfulness_benchmark_prints_the_table_of_given_runs(tmp_path, image_root,
+                                                                monkeypatch, capsys):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "faithfulness.py"
+    spec = importlib.util.spec_from_file_location("bench_faithfulness", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run = _run(tmp_path, "matching", image_root, monkeypatch)
+    tables = bench.main(["--runs", str(run), "--episodes", "4", "--out", str(tmp_path / "b")])
+    rows = tables["changed / true_prob_drop"]
+    assert [r[4] for r in rows] == ["top", "random", "lowest"] and rows[0][-2] == 4
+    assert "prediction changed" in capsys.readouterr().out
+    assert json.loads((tmp_path / "b" / "faithfulness.json").read_text()) == tables
 
 
 def _chromium() -> str | None:
