@@ -102,6 +102,9 @@ def sections(ctx: Explained) -> list[Section]:
     if runs[0][0].weights:
         out.append(_attention_section(ctx, runs))
     out.append(_parameter_section(ctx, [c for _, _, c in runs]))
+    if not runs[0][0].weights:
+        out[-1].note(f"{type(ctx.learner.model).__name__} computes no attention: only its "
+                     "parameters' change is shown.")
     return out
 
 
