@@ -17,6 +17,8 @@ RULES = {
     "meta": ({"metattn.data", "metattn.nn", "metattn.meta", "metattn.errors"},
              {"torch.distributed", "matplotlib", "argparse"}),
     "registry.py": ({"metattn.errors"}, set()),
+    "explain": ({"metattn.explain", "metattn.recipe", "metattn.config", "metattn.meta",
+                 "metattn.nn", "metattn.data", "metattn.errors"}, {"metattn.cli"}),
 }
 
 

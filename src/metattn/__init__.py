@@ -16,6 +16,8 @@ Models
     MeLU, RatingSetTransformer            rating models: MeLU's, and attention over a user's set
     MultiHeadAttention, TransformerBlock, TransformerEncoder, scaled_dot_product_attention
     double_backward, record_attention     attention's second-derivative path and read-out
+    capture_attention, AttentionMaps, attention_rollout, push_attention
+                                          named per-layer maps, rollout, custom attention
 Tasks
     TaskBatch                             a batch of few-shot tasks (support and query sets)
     SinusoidTasks, OmniglotTasks          task samplers: the MAML paper's sinusoids, Omniglot
@@ -25,6 +27,7 @@ Tasks
     fixed_episodes, mean_ci95             the fixed test episodes, mean and 95% CI
 Runs
     load_config, train, load_run, evaluate_run, TimeBudget, CUDAGraphStep
+    explain_run                           attention figures + offline HTML report of a run
 Errors
     MetattnError, ConfigError, TaskError, DataError, InnerLoopError, CheckpointError,
     TrainingError
@@ -49,7 +52,9 @@ _EXPORTS = {
     "metattn.nn": ("MLP", "Conv4", "ViT", "TokenTransformer", "ICLTransformer", "MeLU",
                    "RatingSetTransformer",
                    "MultiHeadAttention", "TransformerBlock", "TransformerEncoder",
-                   "scaled_dot_product_attention", "double_backward", "record_attention"),
+                   "scaled_dot_product_attention", "double_backward", "record_attention",
+                   "capture_attention", "AttentionMaps", "attention_rollout",
+                   "push_attention"),
     "metattn.data.tasks": ("TaskBatch", "fixed_episodes", "mean_ci95"),
     "metattn.data.synthetic": ("SinusoidTasks",),
     "metattn.data.omniglot": ("OmniglotTasks",),
@@ -59,6 +64,7 @@ _EXPORTS = {
     "metattn.data.functions": ("LinearTasks", "ReLUNetTasks", "DecisionTreeTasks"),
     "metattn.config": ("load_config",),
     "metattn.recipe": ("train", "load_run", "evaluate_run", "TimeBudget", "CUDAGraphStep"),
+    "metattn.explain": ("explain_run",),
     "metattn.errors": ("MetattnError", "ConfigError", "TaskError", "DataError",
                        "InnerLoopError", "CheckpointError", "TrainingError"),
 }

@@ -1,8 +1,9 @@
-"""Command line: ``metattn train | eval | validate | kinds``.
+"""Command line: ``metattn train | eval | explain | validate | kinds``.
 
     metattn train sinusoid_maml_quick --set train.steps=2000 --out runs/x
     metattn train sinusoid_maml_quick --out runs/x --resume
     metattn eval runs/x --episodes 600 [--set learner.test_shift=1]
+    metattn explain runs/x --episodes 4 --out runs/x/explain   # figures + report.html
     metattn validate configs/my.yaml      # build everything, train nothing
     metattn kinds learner maml             # a kind's options, defaults and docs
 
@@ -77,6 +78,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     summary = evaluate_run(run, args.episodes, args.device, args.threads, args.set)
     _print_summary(summary, run)
     print(f"  wrote {run / 'eval.json'}")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from metattn.explain import explain_run
+
+    report = explain_run(args.run_dir, args.episodes, args.out, args.faith_episodes,
+                         args.device or "cpu", args.set)
+    print(f"[metattn] wrote {report} and its figures in {report.parent}")
     return 0
 
 
@@ -159,6 +169,18 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--device", default=None,
                          help="auto, cpu, cuda or cuda:N (default: the config's)")
         cmd.add_argument("--threads", type=_positive, default=None, help="CPU threads")
+    x = sub.add_parser("explain", help="attention figures, faithfulness and one offline HTML "
+                                       "report of a run (on the CPU by default)")
+    x.add_argument("run_dir", help="a run directory (what metattn train --out wrote)")
+    x.add_argument("--episodes", type=_positive, default=4,
+                   help="fixed test episodes drawn in the figures (default 4)")
+    x.add_argument("--faith-episodes", type=_positive, default=100,
+                   help="fixed test episodes of the faithfulness table (default 100)")
+    x.add_argument("--out", default=None, help="output folder (default RUN_DIR/explain)")
+    x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key of the run (repeatable)")
+    x.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
+    x.set_defaults(fn=_cmd_explain)
     k = sub.add_parser("kinds", help="the registered kinds; a kind's options with defaults")
     k.add_argument("group", nargs="?", help="task, model or learner")
     k.add_argument("kind", nargs="?", help="a kind of that group, e.g. maml")

@@ -44,7 +44,7 @@ from metattn.meta.base import (
     check_one_task,
     loss_name,
 )
-from metattn.nn.attention import MultiHeadAttention
+from metattn.nn.attention import MultiHeadAttention, push_attention, recording
 
 
 def class_means(z: torch.Tensor, y: torch.Tensor, n_way: int) -> torch.Tensor:
@@ -401,16 +401,26 @@ class MatchingNet(MetricLearner):
         """Attention logits ``temperature * cos(f(query), g(support))`` ``[T, Q, S]``."""
         g, f = self.context(zs, zq)
         cos = F.normalize(f, dim=-1) @ F.normalize(g, dim=-1).transpose(1, 2)
-        return self.temperature * cos
+        s = self.temperature * cos
+        if recording():  # captured as one head over the support set [T, 1, Q, S]
+            push_attention(self, torch.softmax(s, -1).unsqueeze(1))
+        return s
 
     def logits(self, zs: torch.Tensor, sy: torch.Tensor, zq: torch.Tensor, n_way: int
                ) -> torch.Tensor:
-        s = self.scores(zs, zq)  # [T, Q, S]
         member = F.one_hot(sy, n_way).transpose(1, 2).bool()  # [T, n, S]
         if bool((~member.any(-1)).any()):
             class_means(zs, sy, n_way)  # raises the TaskError naming the empty class
+        return self.class_log_probs(self.scores(zs, zq), sy, n_way)
+
+    @staticmethod
+    def class_log_probs(s: torch.Tensor, sy: torch.Tensor, n_way: int) -> torch.Tensor:
+        """``log P(y = k | x)`` ``[T, Q, n]`` from the attention logits ``s [T, Q, S]``; a
+        support example whose score is ``-inf`` is left out (a class left with none gets
+        ``-inf``)."""
+        member = F.one_hot(sy, n_way).transpose(1, 2).bool()  # [T, n, S]
         per_class = s.unsqueeze(2).masked_fill(~member.unsqueeze(1), float("-inf"))
-        return per_class.logsumexp(-1) - s.logsumexp(-1, keepdim=True)  # log P [T, Q, n]
+        return per_class.logsumexp(-1) - s.logsumexp(-1, keepdim=True)
 
     def attention(self, support_x: torch.Tensor, support_y: torch.Tensor,
                   query_x: torch.Tensor) -> torch.Tensor:

