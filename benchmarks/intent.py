@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shots", nargs="+", type=int, default=[5, 10])
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--episodes", type=int, default=600)
+    p.add_argument("--maml-episodes", type=int, default=100,
+                   help="episodes: how many of them MAML and first-order MAML run")
     p.add_argument("--budget", type=float, default=240.0,
                    help="episodes: training seconds per meta-trained learner")
     p.add_argument("--threads", type=int, default=None)

@@ -48,3 +48,14 @@ def test_imports_point_one_way(package):
 def test_the_maml_algorithm_is_one_short_file():
     lines = (SRC / "meta" / "maml" / "algorithm.py").read_text().count("\n")
     assert lines < 200, lines
+
+
+def test_the_core_never_imports_the_text_stack():
+    import subprocess
+    import sys
+
+    code = ("import sys, metattn.config, metattn.recipe, metattn.cli; "
+            "print(any(m.split('.')[0] in ('transformers', 'tokenizers') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
