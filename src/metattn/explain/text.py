@@ -61,8 +61,15 @@ def _rollout_figure(rows: list[tuple[str, list[str], torch.Tensor, torch.Tensor]
                              figsize=(max(6.0, 0.45 * max(len(r[1]) for r in rows)),
                                       1.9 * len(rows)))
     for ax, (title, toks, w, inner) in zip(axes[:, 0], rows):
-        ax.bar(range(len(toks)), w.numpy(),
+        # [CLS]/[SEP] often take most of the rollout: the axis fits the other tokens and a
+        # taller grey bar is clipped, its value written on it
+        top = 1.15 * float(w[inner].max()) if inner.any() else float(w.max())
+        ax.bar(range(len(toks)), w.clamp(max=top).numpy(),
                color=["tab:blue" if m else "tab:gray" for m in inner.tolist()])
+        for j in (w > top).nonzero()[:, 0].tolist():
+            ax.text(j, 0.5 * top, f"{float(w[j]):.2f}", ha="center", fontsize=7,
+                    rotation=90, color="white")
+        ax.set_ylim(0, top)
         ax.set_xticks(range(len(toks)), toks, rotation=60, ha="right", fontsize=7)
         ax.tick_params(axis="y", labelsize=6)
         ax.set_title(title, fontsize=8)
@@ -93,7 +100,9 @@ def sections(ctx: Explained) -> list[Section]:
     """The text sections of the report."""
     enc, b = _encoder(ctx), ctx.batch
     sec = Section("Text: token attention inside the query sentences")
-    picks = [(t, 0) for t in range(min(SHOWN, b.num_tasks))]
+    Q = b.query_x.shape[1]
+    step = max(1, Q // b.n_way) if b.n_way else 1  # queries come class by class
+    picks = [(t, (t * step) % Q) for t in range(min(SHOWN, b.num_tasks))]
     pred = _predictions(ctx)
     ids = torch.stack([b.query_x[t, q] for t, q in picks])
     with eval_mode(ctx.learner), torch.no_grad():
@@ -111,13 +120,13 @@ def sections(ctx: Explained) -> list[Section]:
             title += f", predicted {int(pred[t, q])}"
         rows.append((title, toks, w, inner[i][keep]))
         top = w.masked_fill(~inner[i][keep], -1).argsort(descending=True)[:3].tolist()
-        table.append([" ".join(toks), *(f"{toks[j]} ({float(w[j]):.2f})" for j in top)])
+        table.append([" ".join(toks), *(f"{toks[j]} ({float(w[j]):.3f})" for j in top)])
     into = "the first token ([CLS])" if enc.pooling == "cls" else "the mean-pooled tokens"
     sec.text(f"Attention rollout (Abnar & Zuidema 2020) over all {maps.shape[1]} layers, "
              "heads averaged, the residual counted: the bars are how much each token flows "
              f"into the sentence embedding, i.e. into {into} at the top (grey: [CLS] and "
-             "[SEP], which the deletion test never masks). Padding removed. One query per "
-             "episode (its first).")
+             "[SEP], which the deletion test never masks; a grey bar taller than the axis is "
+             "clipped and its value written on it). Padding removed. One query per episode.")
     ctx.figures.add(sec, _rollout_figure(rows), "text_rollout",
                     "Rollout into the sentence embedding over the tokens of each query.")
     sec.table(["query tokens", "most attended word piece", "2nd", "3rd"],
