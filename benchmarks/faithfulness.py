@@ -5,13 +5,18 @@ For each config it trains a short run (``--seconds`` of training, the cosine sch
 to it) unless ``--runs`` names existing run directories, then, on the run's fixed test
 episodes, removes from each query's attention the most attended key, a random one or the
 least attended one and prints how often the prediction changes and how much the true
-class's probability drops (in-context regression runs: how far the prediction moves and how
-much its squared error grows): mean ± 95% CI over the episodes. Also the run's test metric,
+class's probability drops (text runs over a Hugging Face encoder, e.g. configs/
+clinc150_heldout_protonet.yaml: also the query token that flows most into the sentence
+embedding, a random one or the least, masked with the pad id: ``top token`` etc.;
+in-context regression runs: how far the prediction moves and how much its squared error
+grows): mean ± 95% CI over the episodes. Also the run's test metric,
 for context. The table is written to ``OUT/faithfulness.json`` too.
 
     python benchmarks/faithfulness.py --seconds 240 --threads 2 --set train.autocast=auto \\
         --set model.channels_last=true --out runs/bench-faith
     python benchmarks/faithfulness.py --runs runs/omniglot_5w1s_matching runs/intents_matching
+    python benchmarks/faithfulness.py --configs configs/clinc150_heldout_protonet.yaml \\
+        --seconds 120 --episodes 100
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import torch
 
 from metattn.config import load
 from metattn.data.tasks import fixed_episodes
-from metattn.meta.faithfulness import faithfulness_table
+from metattn.meta.faithfulness import faithfulness_table, token_deletion
+from metattn.meta.metric import MetricLearner, ProtoNet
 from metattn.recipe import load_run, train
 from metattn.recipe.build import build_tasks
 from metattn.reports import fmt, print_table
@@ -53,25 +59,37 @@ LABELS = {"changed": "prediction changed", "true_prob_drop": "true-class prob. d
           "abs_change": "|prediction change|", "error_increase": "squared error increase"}
 
 
+def _tests(learner: Any) -> list[tuple[str, Any]]:
+    """The deletion tests that apply: the attention over the support set (or the prompt),
+    and, over a text encoder, the tokens of the query sentence."""
+    text = isinstance(learner, MetricLearner) and hasattr(learner.model, "pad_id")
+    out = [] if text and isinstance(learner, ProtoNet) else [("", None)]
+    return out + [(" token", token_deletion)] if text else out
+
+
 def measure(run: Path, episodes: int | None) -> tuple[tuple[str, ...], list[list[Any]]]:
-    """The measures' names and the table's rows for one run directory."""
+    """The measures' names and the table's rows for one run directory (a text run: one row
+    per removal of a support key and of a query token, ``top token`` etc.)."""
     cfg, learner = load_run(run, device="cpu")
     _, test = build_tasks(cfg)
     n = episodes or cfg.eval.episodes
     batches = fixed_episodes(test, n, cfg.eval.seed, cfg.eval.chunk)
-    t0 = time.perf_counter()
-    rows = faithfulness_table(learner, batches, cfg.eval.seed)
-    seconds = time.perf_counter() - t0
     summary = json.loads((run / "summary.json").read_text())
     scale = 100 if summary["metric"] == "accuracy" else 1
     score = f"{summary['metric']} {fmt(scale * summary['mean'], scale * summary['ci95'])}"
     task = cfg.test_task_spec()
     setting = (f"{task.get('n_way')}-way {task.get('k_shot')}-shot" if task.get("n_way")
                else f"{task.get('kind')}, k = {task.get('k_shot')}")
-    keys = tuple(k for k in rows[0] if k in LABELS)
-    return keys, [[cfg.name, setting, type(learner).__name__, score, r["removal"],
-                   *(fmt(r[k], r[f"{k}_ci95"]) for k in keys), r["episodes"], f"{seconds:.0f}"]
-                  for r in rows]
+    out: list[list[Any]] = []
+    for what, deletion in _tests(learner):
+        t0 = time.perf_counter()
+        rows = faithfulness_table(learner, batches, cfg.eval.seed, test=deletion)
+        seconds = time.perf_counter() - t0
+        keys = tuple(k for k in rows[0] if k in LABELS)
+        out += [[cfg.name, setting, type(learner).__name__, score, r["removal"] + what,
+                  *(fmt(r[k], r[f"{k}_ci95"]) for k in keys), r["episodes"], f"{seconds:.0f}"]
+                 for r in rows]
+    return keys, out
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[list[Any]]]:

@@ -14,6 +14,9 @@ from metattn.meta.faithfulness import faithfulness_table, support_attention
 from metattn.meta.metric import FEAT, MatchingNet, ProtoNet
 
 SHOWN_KEYS = 10
+TEXT_NOTE = ("Text episodes: the text section shows the attention inside each query "
+             "sentence; other kinds plug in their own section "
+             "(metattn.explain.register_builder).")
 
 
 def applies(ctx: Explained) -> bool:
@@ -76,14 +79,16 @@ def sections(ctx: Explained) -> list[Section]:
     """The metric learner sections of the report."""
     learner = ctx.learner
     if isinstance(learner, ProtoNet):
-        sec = Section("ProtoNet: no attention")
+        sec = Section("ProtoNet: no attention over the support set")
         sec.text("ProtoNet classifies by the distance to class means; it has no attention "
-                 "to show or to test.")
+                 "over its support set to show or to test.")
+        if ctx.batch.support_x.dim() != 5:
+            sec.note(TEXT_NOTE)
         return [sec]
     sec = Section(f"{type(learner).__name__}: which support examples each query attends to")
     if ctx.batch.support_x.dim() != 5:  # not images [T, S, C, H, W]: text draws its own
-        sec.note("The support examples are not images; a section builder for their kind "
-                 "(metattn.explain.register_builder) draws them.")
+        sec.note("The support examples are not images: the table below tests the attention "
+                 "over them. " + TEXT_NOTE)
         return [sec, faithfulness_section(ctx)]
     with eval_mode(learner), torch.no_grad():
         view = support_attention(learner, ctx.batch)

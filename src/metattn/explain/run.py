@@ -54,9 +54,9 @@ def register_builder(applies: Callable[[Explained], bool],
 def _builtin() -> None:
     if BUILDERS:
         return
-    from metattn.explain import incontext, maml, metric
+    from metattn.explain import incontext, maml, metric, text
 
-    for mod in (maml, metric, incontext):
+    for mod in (maml, metric, incontext, text):
         register_builder(mod.applies, mod.sections)
 
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from metattn.errors import ConfigError
 from metattn.nn.attention import push_attention, recording, scaled_dot_product_attention
+from metattn.nn.interpret import capture_attention
 from metattn.nn.prefix_cache import PrefixCache, shared
 
 # Short names of encoders that ship inside PyPI packages: name -> (module, what it is).
@@ -238,6 +239,17 @@ class HFEncoder(nn.Module):
         else:
             h = self._prefix(ids, keep)
         return self._layers(h, keep, list(stack[self.frozen_layers:]))
+
+    def attention(self, ids: torch.Tensor) -> torch.Tensor:
+        """Every layer's self-attention maps ``[B, layers, heads, L, L]`` for ids ``[B, L]``,
+        the frozen layers included (the cache, which skips them, is bypassed for this call).
+        A padded key gets weight 0."""
+        cache, self.prefix_cache = self.prefix_cache, None
+        try:
+            _, maps = capture_attention(self.hidden, ids, root=self)
+        finally:
+            self.prefix_cache = cache
+        return maps.stack()
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Sentence embeddings ``[..., D]`` for ids ``[..., L]`` (the head not applied)."""
