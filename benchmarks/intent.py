@@ -67,10 +67,9 @@ def t_ci95(values: list[float]) -> tuple[float, float]:
                                   / np.sqrt(len(v)))
 
 
-def encode(enc: HFEncoder, texts: list[str]) -> torch.Tensor:
-    """Embeddings of ``texts`` (eval mode, batches of similar length)."""
-    ids, _ = tokenize(texts, pretrained_path(enc.path))
-    return enc.encode(torch.as_tensor(ids))
+def token_ids(texts: list[str]) -> torch.Tensor:
+    """MiniLM's token ids of ``texts`` (tokenised once per cell, shared by every learner)."""
+    return torch.as_tensor(tokenize(texts, pretrained_path("minilm"))[0])
 
 
 def logreg(x: torch.Tensor, y: np.ndarray, xt: torch.Tensor) -> np.ndarray:
@@ -89,13 +88,11 @@ def nearest_prototype(x: torch.Tensor, y: np.ndarray, xt: torch.Tensor, n: int) 
     return (F.normalize(xt, dim=-1) @ F.normalize(protos, dim=-1).T).argmax(1).numpy()
 
 
-def finetune(data: IntentData, rows: np.ndarray, steps: int, batch: int, lr: float,
-             seed: int) -> HFEncoder:
+def finetune(data: IntentData, rows: np.ndarray, ids: torch.Tensor, steps: int, batch: int,
+             lr: float, seed: int) -> HFEncoder:
     """The non-meta baseline: top 2 layers + a linear head, cross-entropy on the K shots."""
     torch.manual_seed(seed)
     enc = HFEncoder(n_classes=len(data.intents), frozen_layers=4)
-    ids = torch.as_tensor(tokenize([data.texts["train"][i] for i in rows],
-                                   pretrained_path("minilm"))[0])
     y = torch.as_tensor(data.labels["train"][rows])
     body = [p for n, p in enc.named_parameters() if p.requires_grad and not n.startswith("head")]
     # a new head starts from random: it needs a larger rate than the pretrained layers
@@ -120,10 +117,11 @@ def leaderboard_cell(data: IntentData, k: int, seed: int, out: Path, quick: bool
     shots = few_shot_rows(data.labels["train"], range(n), k, seed, data.intents)
     rows = np.concatenate([shots[c] for c in range(n)])
     y = data.labels["train"][rows]
-    train_texts = [data.texts["train"][i] for i in rows]
+    train_ids = token_ids([data.texts["train"][i] for i in rows])
+    test_ids = token_ids(data.texts["test"])
     res: dict[str, float] = {}
     frozen = HFEncoder(frozen_layers=4).eval()  # pretrained; shares the fine-tuned runs' memo
-    x, xt = encode(frozen, train_texts), encode(frozen, data.texts["test"])
+    x, xt = frozen.encode(train_ids), frozen.encode(test_ids)
     res["logreg"] = 100 * float((logreg(x, y, xt) == y_test).mean())
     res["protonet"] = 100 * float((nearest_prototype(x, y, xt, n) == y_test).mean())
     overrides = [f"seed={seed}", f"task.seed={seed}", f"task.shots_per_intent={k}",
@@ -139,12 +137,10 @@ def leaderboard_cell(data: IntentData, k: int, seed: int, out: Path, quick: bool
     _, learner = recipe.load_run(run)
     enc = learner.model
     res["protonet_ft+logreg"] = 100 * float(
-        (logreg(encode(enc, train_texts), y, encode(enc, data.texts["test"])) == y_test).mean())
+        (logreg(enc.encode(train_ids), y, enc.encode(test_ids)) == y_test).mean())
     t = cfg.train
-    clf = finetune(data, rows, t.steps, cfg.task["n_way"] * k, t.lr, seed)
-    ids = torch.as_tensor(tokenize(data.texts["test"], pretrained_path("minilm"))[0])
-    with torch.no_grad():
-        pred = torch.cat([clf(ids[i:i + 512]).argmax(-1) for i in range(0, len(ids), 512)])
+    clf = finetune(data, rows, train_ids, t.steps, cfg.task["n_way"] * k, t.lr, seed)
+    pred = clf.encode(test_ids).argmax(-1)
     res["finetune"] = 100 * float((pred.numpy() == y_test).mean())
     return res
 
