@@ -3,6 +3,6 @@
 its config section). A new kind: a function decorated with ``@register(group, name)`` in a
 module imported here (or in your own code, imported before the config is read)."""
 
-from metattn.builders import core, icl, recsys, text, vision
+from metattn.builders import core, icl, recsys, seq2seq, text, vision
 
-__all__ = ["core", "icl", "recsys", "text", "vision"]
+__all__ = ["core", "icl", "recsys", "seq2seq", "text", "vision"]
