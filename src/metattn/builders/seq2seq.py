@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from metattn.data.inflection import InflectionTasks
 from metattn.meta.maml import MAMLOptions
 from metattn.meta.seq2seq import Seq2SeqMAML
 from metattn.nn.seq2seq import Seq2SeqTransformer
@@ -15,13 +16,14 @@ from metattn.registry import register
 # ------------------------------------------------------------------ tasks
 @register("task", "inflection")
 def inflection(split: str, families: list[str] | None = None, k_shot: int = 16,
-               k_query: int = 16, root: str | None = None):
+               k_query: int = 16, max_src: int = 32, max_tgt: int = 32,
+               root: str | None = None) -> InflectionTasks:
     """SIGMORPHON 2018 task 1, each language a task: ``train`` samples the meta-training
     languages' train-high; ``test`` the held-out languages (support: train-low, query: test).
-    ``families``: only these families' languages (e.g. ``[Romance, Germanic]``)."""
-    from metattn.data.inflection import InflectionTasks
-
-    return InflectionTasks(split, families=families, k_shot=k_shot, k_query=k_query, root=root)
+    ``families``: only these families' languages (e.g. ``[germanic, turkic]``); the
+    vocabulary size the model needs is logged."""
+    return InflectionTasks(split, families=families, k_shot=k_shot, k_query=k_query, root=root,
+                           max_src=max_src, max_tgt=max_tgt)
 
 
 @register("task", "translation")

@@ -29,20 +29,24 @@ IGNORE = -100
 
 class CharVocab:
     """Characters plus whole-word symbols (e.g. inflection's feature tags), ids after the four
-    specials; built from training text only, so unseen characters become ``<unk>``."""
+    specials; built from training text only, so unseen characters become ``<unk>``. A symbol
+    spelled like a character (the tag ``N``, the letter N) keeps its own id."""
 
     def __init__(self, chars: Iterable[str], symbols: Iterable[str] = ()):
         self.symbols = sorted(set(symbols))
         self.chars = sorted(set(chars))
         self.itos = list(SPECIALS) + self.symbols + self.chars
-        self.stoi = {s: i for i, s in enumerate(self.itos)}
+        first = len(SPECIALS) + len(self.symbols)
+        self.symbol_ids = {s: len(SPECIALS) + i for i, s in enumerate(self.symbols)}
+        self.stoi = {c: first + i for i, c in enumerate(self.chars)}
 
     def __len__(self) -> int:
         return len(self.itos)
 
     def encode(self, text: str, symbols: Sequence[str] = ()) -> list[int]:
         """The ids of ``text``'s characters followed by those of ``symbols``."""
-        return [self.stoi.get(c, UNK) for c in text] + [self.stoi.get(s, UNK) for s in symbols]
+        return ([self.stoi.get(c, UNK) for c in text]
+                + [self.symbol_ids.get(s, UNK) for s in symbols])
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids`` up to the first EOS; specials and symbols are dropped."""
@@ -52,7 +56,7 @@ class CharVocab:
             i = int(i)
             if i == EOS:
                 break
-            if i >= first and i < len(self.itos):
+            if first <= i < len(self.itos):
                 out.append(self.itos[i])
         return "".join(out)
 
@@ -64,19 +68,19 @@ def pack(src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]], max_src: in
     DataError (filter with :func:`fits` first)."""
     if len(src) != len(tgt):
         raise DataError(f"pack: {len(src)} sources but {len(tgt)} targets")
-    x = torch.full((len(src), max_src + max_tgt), PAD, dtype=torch.long)
-    y = torch.full((len(src), max_tgt), IGNORE, dtype=torch.long)
+    width = max_src + max_tgt
+    # rows are filled in Python lists and converted once: per-row tensor writes cost ~10x
+    xs, ys = [], []
     for i, (s, t) in enumerate(zip(src, tgt)):
         if len(s) > max_src or len(t) + 1 > max_tgt:
             raise DataError(f"pack: pair {i} has {len(s)} source / {len(t)} target tokens; "
                             f"max_src={max_src}, max_tgt={max_tgt} (EOS included); raise them "
                             "or drop long pairs with fits()")
-        x[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        x[i, max_src] = BOS
-        x[i, max_src + 1: max_src + 1 + len(t)] = torch.tensor(t, dtype=torch.long)
-        y[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-        y[i, len(t)] = EOS
-    return x, y
+        row = [*s, *[PAD] * (max_src - len(s)), BOS, *t]
+        xs.append(row + [PAD] * (width - len(row)))
+        ys.append([*t, EOS, *[IGNORE] * (max_tgt - len(t) - 1)])
+    x = torch.tensor(xs, dtype=torch.long).view(len(xs), width)
+    return x, torch.tensor(ys, dtype=torch.long).view(len(ys), max_tgt)
 
 
 def fits(src: Sequence[int], tgt: Sequence[int], max_src: int, max_tgt: int) -> bool:
