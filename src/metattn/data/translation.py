@@ -188,6 +188,7 @@ def placeholder_match(hyp: str, ref: str) -> bool:
 
 
 # ------------------------------------------------------------------ split and locales
+@functools.lru_cache(maxsize=1 << 16)  # ~900 distinct strings, asked ~500k times
 def is_test_string(source: str) -> bool:
     """Whether the English ``source`` is held out (in every locale): a stable SHA-256 hash of
     the string, ~``TEST_FRACTION`` of the strings."""
@@ -201,8 +202,11 @@ def split_pairs(pairs: Iterable[Pair]) -> tuple[list[Pair], list[Pair]]:
     first: dict[str, Pair] = {}
     for p in pairs:
         first.setdefault(p.source, p)
-    train = [p for p in first.values() if not is_test_string(p.source)]
-    return train, [p for p in first.values() if is_test_string(p.source)]
+    train: list[Pair] = []
+    test: list[Pair] = []
+    for p in first.values():
+        (test if is_test_string(p.source) else train).append(p)
+    return train, test
 
 
 def train_pair_counts(root: str | os.PathLike | None = None) -> dict[str, int]:
@@ -220,9 +224,14 @@ def meta_train_locales(root: str | os.PathLike | None = None) -> list[str]:
     rest = {loc: n for loc, n in counts.items() if loc not in HELD_OUT_LOCALES}
     small = {loc: n for loc, n in rest.items() if n < MIN_TRAIN_PAIRS}
     if small:
-        LOG.info("django_locale: %d locales with < %d train pairs do not meta-train: %s",
-                 len(small), MIN_TRAIN_PAIRS, small)
+        _log_once(f"django_locale: {len(small)} locales with < {MIN_TRAIN_PAIRS} train pairs "
+                  f"do not meta-train: {small}")
     return sorted(loc for loc in rest if loc not in small)
+
+
+@functools.lru_cache(maxsize=64)
+def _log_once(message: str) -> None:
+    LOG.info(message)
 
 
 # ------------------------------------------------------------------ tokens
@@ -334,8 +343,9 @@ class TranslationTasks(LanguageTasks):
     catalog order, their raw pairs in ``texts[locale]`` (``support_texts`` likewise).
 
     Pairs longer than ``max_src`` / ``max_tgt`` BPE tokens (EOS counted) are dropped from
-    every pool: ``dropped[locale] = {"train": n, "test": n}``, so a benchmark reports how
-    many test strings it scored (``len(texts[locale])``) out of how many.
+    every pool and counted: ``dropped[locale] = {"train": n}``, plus ``"test": n`` in the test
+    split, so a benchmark reports how many test strings it scored (``len(texts[locale])``)
+    out of how many.
     """
 
     def __init__(self, split: str = "train", locales: Sequence[str] | None = None,
@@ -354,9 +364,9 @@ class TranslationTasks(LanguageTasks):
         for lang in langs:
             train, test = split_pairs(catalogs[lang])
             train, tr_src, tr_tgt, tr_lost = self._fitting(train, max_src)
-            test, te_src, te_tgt, te_lost = self._fitting(test, max_src)
-            self.dropped[lang] = {"train": tr_lost, "test": te_lost}
-            if split == "test":
+            self.dropped[lang] = {"train": tr_lost}
+            if split == "test":  # a meta-train locale's test pairs are never used
+                test, te_src, te_tgt, self.dropped[lang]["test"] = self._fitting(test, max_src)
                 keep = _shots(len(train), shots, shots_seed, lang)
                 train = [train[i] for i in keep]
                 tr_src, tr_tgt = [tr_src[i] for i in keep], [tr_tgt[i] for i in keep]
@@ -365,7 +375,7 @@ class TranslationTasks(LanguageTasks):
             support[lang] = pack(tr_src, tr_tgt, max_src, self.max_tgt)
             self.support_texts[lang] = train
         super().__init__(support, query if split == "test" else None, k_shot, k_query, max_src)
-        lost = {k: sum(d[k] for d in self.dropped.values()) for k in ("train", "test")}
+        lost = {k: sum(d[k] for d in self.dropped.values()) for k in self.dropped[langs[0]]}
         LOG.info("django_locale %s: %d locales, median %s support pairs; dropped as longer "
                  "than %d/%d tokens: %s", split, len(langs),
                  statistics.median(len(p) for p in self.support_texts.values()),
