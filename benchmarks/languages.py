@@ -9,8 +9,11 @@ AdamW minibatches of ``batch`` pairs at rate ``lr``, drawn with the seed):
 * ``scratch``: a fresh model (initialised with the seed) trained on the support pairs only;
 * ``transfer``: the multilingual model (trained on every meta-training language, no inner
   loop) fine-tuned;
-* ``FOMAML`` / ``MAML``: the first- / second-order meta-learned initialisation, fine-tuned;
-* ``MAML, inner loop``: MAML's own adaptation (its SGD inner steps on the whole support set).
+* ``FOMAML`` / ``MAML``: the first- / second-order meta-learned initialisation, adapted by
+  its own inner loop (``eval_inner_steps`` SGD steps on the whole support set), then
+  fine-tuned (the inner loop is part of the method: a meta-learned initialisation is the
+  point it adapts FROM, and its own loss there can be high);
+* ``MAML, inner loop``: MAML's inner loop alone, no fine-tuning.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser, out: str) -> None:
     """The options both benchmarks take."""
     p.add_argument("--out", type=Path, default=Path(out))
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per language")
-    p.add_argument("--steps", type=int, default=60, help="fine-tuning steps (every method)")
+    p.add_argument("--steps", type=int, default=100, help="fine-tuning steps (every method)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning rate (every method)")
     p.add_argument("--batch", type=int, default=20, help="fine-tuning minibatch")
     p.add_argument("--beam", type=int, default=1, help="beam width (1: greedy)")
@@ -95,35 +98,36 @@ def adapted(method: str, learners: dict[str, Seq2SeqMAML], sx: torch.Tensor,
                                    len(base.encoder.layers), len(base.decoder),
                                    base.decoder[0].ff[0].out_features)
         return fine_tune(fresh, sx, sy, **ft)
+    if method in ("FOMAML", "MAML"):  # the meta-learned inner loop, then fine-tuning
+        return fine_tune(learners[method].adapt(sx, sy).to_module(), sx, sy, **ft)
     return fine_tune(learners[method].model, sx, sy, **ft)
 
 
-def evaluate(tasks, learners: dict[str, Seq2SeqMAML], sources: Callable[[object], str],
-             score: Score, args: argparse.Namespace) -> dict[str, dict[str, list[dict]]]:
-    """``res[method][language]`` = one score dict per seed."""
+def evaluate(make_tasks: Callable[[int], object], learners: dict[str, Seq2SeqMAML],
+             sources: Callable[[object], str], score: Score, args: argparse.Namespace
+             ) -> dict[str, dict[str, list[dict]]]:
+    """``res[method][language]`` = one score dict per seed; ``make_tasks(seed)`` gives the
+    held-out tasks of that seed (their support pools may differ by seed)."""
     res: dict[str, dict[str, list[dict]]] = {m: {} for m in METHODS}
-    for lang in tasks.languages:
-        sx, sy = tasks.support[lang]
-        qx, _ = tasks.query[lang]
-        refs = tasks.texts[lang]
-        if args.max_test:
-            qx, refs = qx[: args.max_test], refs[: args.max_test]
-        t = time.perf_counter()
-        for method in METHODS:
-            for seed in range(args.seeds):
+    for seed in range(args.seeds):
+        tasks = make_tasks(seed)
+        for lang in tasks.languages:
+            sx, sy = tasks.support[lang]
+            qx, refs = tasks.query[lang][0], tasks.texts[lang]
+            if args.max_test:
+                qx, refs = qx[: args.max_test], refs[: args.max_test]
+            t = time.perf_counter()
+            for method in METHODS:
                 if method == "copy":
                     hyps = [sources(r) for r in refs]
                 else:
-                    hyps = decode(adapted(method, learners, sx, sy, seed, args), qx, tasks.vocab,
-                                  args.beam)
+                    model = adapted(method, learners, sx, sy, seed, args)
+                    hyps = decode(model, qx, tasks.vocab, args.beam)
                 res[method].setdefault(lang, []).append(score(hyps, refs))
-                if method in ("copy", "MAML, inner loop"):  # no seed in it
-                    res[method][lang] *= args.seeds
-                    break
-        line = ", ".join(f"{m} {res[m][lang][0][next(iter(res[m][lang][0]))]:.1f}"
-                         for m in METHODS)
-        print(f"{lang}: {len(sx)} support, {len(qx)} test pairs, {time.perf_counter() - t:.0f}"
-              f" s; first seed: {line}", flush=True)
+            first = {m: next(iter(res[m][lang][-1].values())) for m in METHODS}
+            print(f"seed {seed} {lang}: {len(sx)} support, {len(qx)} test pairs, "
+                  f"{time.perf_counter() - t:.0f} s; "
+                  + ", ".join(f"{m} {v:.1f}" for m, v in first.items()), flush=True)
     return res
 
 
@@ -158,6 +162,17 @@ def tables(res: dict, groups: dict[str, list[str]], metrics: Sequence[str], titl
                "|" + "---|" * len(head), *("| " + " | ".join(map(str, r)) + " |" for r in rows),
                ""]
     return md, js
+
+
+def per_language(res: dict, langs: Sequence[str], metric: str, title: str) -> list[str]:
+    """Print one row per language (``metric``, mean ± 95% CI over seeds, every method);
+    return it as markdown lines."""
+    head = ["language", *METHODS]
+    rows = [[g, *(fmt(*mean_ci95(per_seed(res, m, [g], metric)), digits=1) for m in METHODS)]
+            for g in langs]
+    print_table(f"{title}: {metric} per language", head, rows)
+    return [f"{metric} per language", "", "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows), ""]
 
 
 def write(out: Path, name: str, md: list[str], js: dict) -> None:

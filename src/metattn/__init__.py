@@ -7,6 +7,7 @@ Learners
     ProtoNet, MatchingNet, FEAT           metric learners: attention over the support set
     InContextLearner                      a Transformer that learns from its prompt
     RatingMAML                            MAML reporting MAE, RMSE and nDCG (recommendation)
+    Seq2SeqMAML                           MAML with the sequence loss (inflection, translation)
     Learner                               the contract every learner follows
     MAMLOptions                           the MAML family's options, with defaults and checks
 Models
@@ -14,6 +15,8 @@ Models
     HFEncoder                             any Hugging Face encoder (pip install metattn[text])
     ICLTransformer                        the in-context regressor (Garg et al. 2022)
     MeLU, RatingSetTransformer            rating models: MeLU's, and attention over a user's set
+    Seq2SeqTransformer, greedy_decode, beam_search
+                                          encoder-decoder (cross-attention) and its decoding
     MultiHeadAttention, TransformerBlock, TransformerEncoder, scaled_dot_product_attention
     double_backward, record_attention     attention's second-derivative path and read-out
     capture_attention, AttentionMaps, attention_rollout, push_attention
@@ -23,6 +26,7 @@ Tasks
     SinusoidTasks, OmniglotTasks          task samplers: the MAML paper's sinusoids, Omniglot
     IntentTasks, load_intents             few-shot intent episodes (CLINC150, Banking77)
     MovieLensTasks                        MovieLens 100K users as cold-start tasks (MeLU)
+    InflectionTasks, TranslationTasks     languages as seq2seq tasks (SIGMORPHON 2018, Django)
     LinearTasks, ReLUNetTasks, DecisionTreeTasks   in-context function families
     fixed_episodes, mean_ci95             the fixed test episodes, mean and 95% CI
 Runs
@@ -49,6 +53,8 @@ _EXPORTS = {
     "metattn.meta.incontext": ("InContextLearner",),
     "metattn.meta.base": ("Learner",),
     "metattn.meta.ranking": ("RatingMAML",),
+    "metattn.meta.seq2seq": ("Seq2SeqMAML",),
+    "metattn.nn.seq2seq": ("Seq2SeqTransformer", "greedy_decode", "beam_search"),
     "metattn.nn": ("MLP", "Conv4", "ViT", "TokenTransformer", "ICLTransformer", "MeLU",
                    "RatingSetTransformer",
                    "MultiHeadAttention", "TransformerBlock", "TransformerEncoder",
@@ -61,6 +67,8 @@ _EXPORTS = {
     "metattn.data.intents": ("IntentTasks", "load_intents"),
     "metattn.nn.hf": ("HFEncoder",),
     "metattn.data.movielens": ("MovieLensTasks",),
+    "metattn.data.inflection": ("InflectionTasks",),
+    "metattn.data.translation": ("TranslationTasks",),
     "metattn.data.functions": ("LinearTasks", "ReLUNetTasks", "DecisionTreeTasks"),
     "metattn.config": ("load_config",),
     "metattn.recipe": ("train", "load_run", "evaluate_run", "TimeBudget", "CUDAGraphStep"),

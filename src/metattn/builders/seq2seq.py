@@ -7,6 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from metattn.data.inflection import InflectionTasks
+from metattn.data.translation import TranslationTasks
 from metattn.meta.maml import MAMLOptions
 from metattn.meta.seq2seq import Seq2SeqMAML
 from metattn.nn.seq2seq import Seq2SeqTransformer
@@ -29,15 +30,16 @@ def inflection(split: str, families: list[str] | None = None, k_shot: int = 16,
 @register("task", "translation")
 def translation(split: str, locales: list[str] | None = None, k_shot: int = 16,
                 k_query: int = 16, shots: int | None = None, shots_seed: int = 0,
-                vocab_size: int = 4000, root: str | None = None):
+                vocab_size: int = 4000, max_src: int = 64, max_tgt: int = 96,
+                root: str | None = None) -> TranslationTasks:
     """English -> X over Django's catalogs, each locale a task: ``train`` samples the
     meta-training locales; ``test`` the held-out locales (support: ``shots`` pairs drawn with
-    ``shots_seed``; query: the held-out strings). ``locales``: a subset of the split's."""
-    from metattn.data.translation import TranslationTasks
-
+    ``shots_seed``; query: the held-out strings). ``locales``: a subset of the split's;
+    ``vocab_size``: the byte-level BPE's (trained on the meta-training text only); pairs
+    longer than ``max_src`` / ``max_tgt`` tokens are dropped and counted."""
     return TranslationTasks(split, locales=locales, k_shot=k_shot, k_query=k_query,
                             shots=shots, shots_seed=shots_seed, root=root,
-                            vocab_size=vocab_size)
+                            vocab_size=vocab_size, max_src=max_src, max_tgt=max_tgt)
 
 
 # ------------------------------------------------------------------ models

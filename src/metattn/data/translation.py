@@ -376,8 +376,9 @@ class TranslationTasks(LanguageTasks):
             self.support_texts[lang] = train
         super().__init__(support, query if split == "test" else None, k_shot, k_query, max_src)
         lost = {k: sum(d[k] for d in self.dropped.values()) for k in self.dropped[langs[0]]}
-        LOG.info("django_locale %s: %d locales, median %s support pairs; dropped as longer "
-                 "than %d/%d tokens: %s", split, len(langs),
+        LOG.info("django_locale %s: %d locales, vocabulary %d (the model's vocab_size), "
+                 "median %s support pairs; dropped as longer than %d/%d tokens: %s", split,
+                 len(langs), len(self.vocab),
                  statistics.median(len(p) for p in self.support_texts.values()),
                  max_src, self.max_tgt, lost)
 

@@ -34,7 +34,17 @@ def _episode(ctx: Explained, t: int) -> tuple[AttentionMaps, AttentionMaps, dict
             acc[0] += float((adapted.params[name] - p).pow(2).sum())
             acc[1] += float(p.pow(2).sum())
     change = {k: (d / max(n, 1e-24)) ** 0.5 for k, (d, n) in moved.items()}
-    return before, after, change
+    return _first_stack(before), _first_stack(after), change
+
+
+def _first_stack(maps: AttentionMaps) -> AttentionMaps:
+    """The maps shaped like the first one (all of a ViT's; an encoder-decoder's encoder
+    self-attention: its decoder and cross-attention maps have other shapes)."""
+    if not maps.weights:
+        return maps
+    keep = [i for i, w in enumerate(maps.weights) if w.shape == maps.weights[0].shape]
+    return AttentionMaps([maps.names[i] for i in keep], [maps.weights[i] for i in keep],
+                         maps.math_path)
 
 
 def _tv(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:

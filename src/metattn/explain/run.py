@@ -54,9 +54,9 @@ def register_builder(applies: Callable[[Explained], bool],
 def _builtin() -> None:
     if BUILDERS:
         return
-    from metattn.explain import incontext, maml, metric, text
+    from metattn.explain import incontext, maml, metric, seq2seq, text
 
-    for mod in (maml, metric, incontext, text):
+    for mod in (maml, metric, incontext, text, seq2seq):
         register_builder(mod.applies, mod.sections)
 
 

@@ -75,14 +75,17 @@ def check_batch(batch: object, who: str) -> TaskBatch:
     return batch
 
 
-def check_one_task(support_x: torch.Tensor, support_y: torch.Tensor, who: str) -> None:
+def check_one_task(support_x: torch.Tensor, support_y: torch.Tensor, who: str,
+                   label_dims: int = 1) -> None:
     """Refuse a support set with a task dimension where ONE task is expected: integer labels
-    are ``[N]`` and regression targets ``[N, outputs]``."""
+    are ``[N]`` (``label_dims=2``: ``[N, L]``, a sequence per example) and regression targets
+    ``[N, outputs]``."""
     if not isinstance(support_x, torch.Tensor) or not isinstance(support_y, torch.Tensor):
         raise TaskError(f"{who}: support_x and support_y must be tensors, got "
                         f"{type(support_x).__name__} and {type(support_y).__name__}")
     labels = not support_y.dtype.is_floating_point
-    if support_y.dim() > (1 if labels else 2) or support_x.shape[:1] != support_y.shape[:1]:
+    if (support_y.dim() > (label_dims if labels else 2)
+            or support_x.shape[:1] != support_y.shape[:1]):
         raise TaskError(
             f"{who} adapts to ONE task: support_x {tuple(support_x.shape)} and support_y "
             f"{tuple(support_y.shape)} look like a batch of tasks (labels are [N], targets "

@@ -106,6 +106,8 @@ class Seq2SeqMAML(MAML):
     ``first_order: true`` is first-order MAML, ``inner_steps: 0`` plain multi-task training
     (the multilingual transfer model)."""
 
+    label_dims = 2  # one target sequence [L_t] per example
+
     def __init__(self, model: nn.Module, inner_lr: float | None = None, **options):
         options.setdefault("loss_fn", sequence_loss)
         super().__init__(model, inner_lr, **options)

@@ -156,6 +156,7 @@ class MAML(Learner):
     """
 
     Options = MAMLOptions  # a preset (FOMAML, ANIL, ...) is MAML with other defaults
+    label_dims = 1  # an integer label per example (a sequence learner: 2)
 
     def __init__(self, model: nn.Module, inner_lr: float | None = None, **options: Any):
         super().__init__()
@@ -428,7 +429,7 @@ class MAML(Learner):
         steps: int | None = None,
     ) -> AdaptedModel:
         """Adapt to ONE task (inputs without a task dimension) and return the adapted model."""
-        check_one_task(support_x, support_y, "MAML.adapt")
+        check_one_task(support_x, support_y, "MAML.adapt", self.label_dims)
         steps = self.options.eval_inner_steps if steps is None else steps
         loss_fn = loss_fn or self.options.loss_fn or default_loss(
             None if support_y.dtype.is_floating_point else 0)
