@@ -16,30 +16,21 @@ Tables: ``OUT/inflection.md`` and ``OUT/inflection.json``.
 
 from __future__ import annotations
 
-import argparse
 import time
 
-import torch
-from languages import add_arguments, evaluate, per_language, tables, train_runs, write
+from languages import configs, evaluate, per_language, start, tables, write
 
-from metattn.config import load
 from metattn.data.inflection import FAMILIES, InflectionTasks
 from metattn.meta.seq2seq import string_scores
 
-CONFIGS = {"transfer": "sigmorphon_cpu_transfer", "FOMAML": "sigmorphon_cpu_fomaml",
-           "MAML": "sigmorphon_cpu_maml"}
+CONFIGS = configs("sigmorphon_cpu")
 # Kann, Bowman & Cho 2020 (/work/shared/REFERENCES.md): their gain, not their accuracy
 ANCHOR = {"MAML": "+31.7 over transfer (Kann et al. 2020, 29 targets)"}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(p, "runs/bench-inflection")
-    args = p.parse_args()
-    start = time.perf_counter()
-    torch.set_num_threads(args.threads)
-    task = load(CONFIGS["MAML"], args.set).task
-    learners = train_runs(CONFIGS, args)
+    t0 = time.perf_counter()
+    args, task, learners = start(__doc__, "runs/bench-inflection", CONFIGS)
     held = InflectionTasks("test", families=task.get("families"), max_src=task["max_src"],
                            max_tgt=task["max_tgt"])
     if args.quick:
@@ -57,7 +48,7 @@ def main() -> None:
             f"train-low (every method); greedy decoding (beam {args.beam}); first "
             f"{args.max_test or 'all'} test lines; mean ± 95% CI over {args.seeds} seeds.")
     write(args.out, "inflection", [head, "", *md], js)
-    print(f"total {time.perf_counter() - start:.0f} s; tables in {args.out}/inflection.md")
+    print(f"total {time.perf_counter() - t0:.0f} s; tables in {args.out}/inflection.md")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,27 @@ def add_arguments(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--quick", action="store_true", help="a smoke run: minutes, not numbers")
     p.add_argument("--reuse", action="store_true", help="load finished runs in --out")
     p.add_argument("--set", nargs="*", default=[], help="KEY=VALUE overrides for every config")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="the methods to score (default: all)")
+
+
+def configs(prefix: str) -> dict[str, str]:
+    """The three trained methods' shipped configs: ``<prefix>_{transfer,fomaml,maml}``."""
+    return {m: f"{prefix}_{m.lower()}" for m in TRAINED}
+
+
+def start(doc: str, out: str, configs: dict[str, str],
+          more: Callable[[argparse.ArgumentParser], None] = lambda p: None
+          ) -> tuple[argparse.Namespace, dict, dict[str, Seq2SeqMAML]]:
+    """Parse the options (``more`` adds a benchmark's own), set the threads, train or load
+    the configs: (options, the MAML config's task section, the learners by method)."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    add_arguments(p, out)
+    more(p)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    task = load(configs["MAML"], args.set).task
+    return args, task, train_runs(configs, args)
 
 
 def train_runs(configs: dict[str, str], args: argparse.Namespace) -> dict[str, Seq2SeqMAML]:
@@ -108,7 +129,7 @@ def evaluate(make_tasks: Callable[[int], object], learners: dict[str, Seq2SeqMAM
              ) -> dict[str, dict[str, list[dict]]]:
     """``res[method][language]`` = one score dict per seed; ``make_tasks(seed)`` gives the
     held-out tasks of that seed (their support pools may differ by seed)."""
-    res: dict[str, dict[str, list[dict]]] = {m: {} for m in METHODS}
+    res: dict[str, dict[str, list[dict]]] = {m: {} for m in args.methods}
     for seed in range(args.seeds):
         tasks = make_tasks(seed)
         for lang in tasks.languages:
@@ -117,14 +138,14 @@ def evaluate(make_tasks: Callable[[int], object], learners: dict[str, Seq2SeqMAM
             if args.max_test:
                 qx, refs = qx[: args.max_test], refs[: args.max_test]
             t = time.perf_counter()
-            for method in METHODS:
+            for method in args.methods:
                 if method == "copy":
                     hyps = [sources(r) for r in refs]
                 else:
                     model = adapted(method, learners, sx, sy, seed, args)
                     hyps = decode(model, qx, tasks.vocab, args.beam)
                 res[method].setdefault(lang, []).append(score(hyps, refs))
-            first = {m: next(iter(res[m][lang][-1].values())) for m in METHODS}
+            first = {m: next(iter(res[m][lang][-1].values())) for m in args.methods}
             print(f"seed {seed} {lang}: {len(sx)} support, {len(qx)} test pairs, "
                   f"{time.perf_counter() - t:.0f} s; "
                   + ", ".join(f"{m} {v:.1f}" for m, v in first.items()), flush=True)
@@ -145,12 +166,14 @@ def tables(res: dict, groups: dict[str, list[str]], metrics: Sequence[str], titl
     md, js = [], {}
     for group, langs in groups.items():
         rows, js[group] = [], {}
-        for method in METHODS:
+        for method in res:
             stats = {k: mean_ci95(per_seed(res, method, langs, k)) for k in metrics}
             js[group][method] = stats
             rows.append([method, *(fmt(*stats[k], digits=2) for k in metrics),
                          anchor.get(method, "")])
-        for other in ("transfer", "scratch"):
+        for other in ("transfer", "scratch") if "MAML" in res else ():
+            if other not in res:
+                continue
             k = metrics[0]
             gain = mean_ci95(per_seed(res, "MAML", langs, k) - per_seed(res, other, langs, k))
             js[group][f"MAML - {other}"] = gain
@@ -167,8 +190,8 @@ def tables(res: dict, groups: dict[str, list[str]], metrics: Sequence[str], titl
 def per_language(res: dict, langs: Sequence[str], metric: str, title: str) -> list[str]:
     """Print one row per language (``metric``, mean ± 95% CI over seeds, every method);
     return it as markdown lines."""
-    head = ["language", *METHODS]
-    rows = [[g, *(fmt(*mean_ci95(per_seed(res, m, [g], metric)), digits=1) for m in METHODS)]
+    head = ["language", *res]
+    rows = [[g, *(fmt(*mean_ci95(per_seed(res, m, [g], metric)), digits=1) for m in res)]
             for g in langs]
     print_table(f"{title}: {metric} per language", head, rows)
     return [f"{metric} per language", "", "| " + " | ".join(head) + " |",

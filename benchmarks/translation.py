@@ -21,15 +21,12 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-from languages import add_arguments, evaluate, per_language, tables, train_runs, write
+from languages import configs, evaluate, per_language, start, tables, write
 
-from metattn.config import load
 from metattn.data.translation import TranslationTasks, placeholder_match, placeholders
 from metattn.meta.seq2seq import bleu, chrf
 
-CONFIGS = {"transfer": "translate_cpu_transfer", "FOMAML": "translate_cpu_fomaml",
-           "MAML": "translate_cpu_maml"}
+CONFIGS = configs("translate_cpu")
 ANCHOR = {"MAML": "beats transfer at ~16k target tokens (Gu et al. 2018, other data)"}
 
 
@@ -42,16 +39,15 @@ def score(hyps: list[str], refs: list) -> dict[str, float]:
             "placeholders": 100.0 * kept / max(len(marked), 1)}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(p, "runs/bench-translation")
+def options(p: argparse.ArgumentParser) -> None:
+    """Translation's own options: the K values and the locales."""
     p.add_argument("--shots", type=int, nargs="+", default=[50, 100, 300])
     p.add_argument("--locales", nargs="*", default=None, help="held-out locales to score")
-    args = p.parse_args()
-    start = time.perf_counter()
-    torch.set_num_threads(args.threads)
-    task = load(CONFIGS["MAML"], args.set).task
-    learners = train_runs(CONFIGS, args)
+
+
+def main() -> None:
+    t0 = time.perf_counter()
+    args, task, learners = start(__doc__, "runs/bench-translation", CONFIGS, options)
     locales = args.locales or (["uk", "fi"] if args.quick else None)
     md, js = [], {}
     for k in args.shots:
@@ -72,7 +68,7 @@ def main() -> None:
             f"(every method); greedy decoding (beam {args.beam}); test strings scored per "
             f"locale: {scored}; mean ± 95% CI over {args.seeds} seeds.")
     write(args.out, "translation", [head, "", *md], js)
-    print(f"total {time.perf_counter() - start:.0f} s; tables in {args.out}/translation.md")
+    print(f"total {time.perf_counter() - t0:.0f} s; tables in {args.out}/translation.md")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,18 @@ def meta_grad(learner, batch, **kw) -> tuple[float, torch.Tensor]:
     return loss.item(), flat_grad(learner.model)
 
 
+def meta_train(learner, tasks, steps: int, meta_batch: int, lr: float = 3e-3,
+               seed: int = 0) -> None:
+    """``steps`` Adam meta-steps of ``meta_batch`` tasks drawn from ``tasks`` (seeded)."""
+    opt = torch.optim.Adam(learner.parameters(), lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        loss, _ = learner.meta_loss(tasks.sample(meta_batch, g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def tiny_net(norm: bool = False, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     layers: list[nn.Module] = [nn.Linear(2, 8)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from models import make, meta_grad, tiny_batch, tiny_net
+from models import make, meta_grad, meta_train, tiny_batch, tiny_net
 from torch import nn
 
 import metattn as mt
@@ -243,13 +243,7 @@ def test_maml_learns_sinusoids_quickly():
     learner = mt.MAML(model, inner_lr=0.01, inner_steps=1, eval_inner_steps=5)
     test = tasks.sample(200, torch.Generator().manual_seed(123))
     before = float(learner.evaluate(test)["mse"].mean())
-    opt = torch.optim.Adam(learner.parameters(), 3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(400):
-        loss, _ = learner.meta_loss(tasks.sample(25, g))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    meta_train(learner, tasks, steps=400, meta_batch=25)
     after = float(learner.evaluate(test)["mse"].mean())
     assert after < 0.5 * before, (before, after)
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,8 +31,9 @@ from metattn.recipe.evaluation import load_run
 class Explained:
     """What a section builder reads: the run's config and learner (eval mode, on the CPU by
     default), ``batch``, the first ``episodes`` fixed test episodes (for the figures),
-    ``faith``, the fixed test episodes the faithfulness table averages over, and ``figures``,
-    which saves and embeds figures."""
+    ``faith``, the fixed test episodes the faithfulness table averages over, ``figures``,
+    which saves and embeds figures, and ``tasks``, the run's test task sampler (e.g. for
+    its vocabulary)."""
 
     cfg: RunConfig
     learner: Learner
@@ -39,6 +41,7 @@ class Explained:
     faith: list[TaskBatch]
     figures: Figures
     seed: int
+    tasks: Any = None
 
 
 Builder = tuple[Callable[[Explained], bool], Callable[[Explained], list[Section]]]
@@ -83,7 +86,7 @@ def explain_run(run_dir: str | Path, episodes: int = 4, out: str | Path | None =
     out = Path(out) if out is not None else run_dir / "explain"
     out.mkdir(parents=True, exist_ok=True)
     ctx = Explained(cfg, learner, first, _take(batches, faith_episodes), Figures(out),
-                    cfg.eval.seed)
+                    cfg.eval.seed, test_tasks)
     sections = [s for applies, build in BUILDERS if applies(ctx) for s in build(ctx)]
     if not sections:
         s = Section("Nothing to show")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import torch
 
-from metattn import registry
 from metattn.data.seq2seq import SPECIALS
 from metattn.explain.report import Section
 from metattn.explain.run import Explained
@@ -63,8 +62,7 @@ def _figure(rows: list[tuple[str, list[str], list[str], torch.Tensor]]) -> plt.F
 
 def sections(ctx: Explained) -> list[Section]:
     """The cross-attention section."""
-    tasks = registry.build("task", ctx.cfg.test_task_spec(), "test")
-    vocab, model, b = tasks.vocab, ctx.learner.model, ctx.batch
+    vocab, model, b = ctx.tasks.vocab, ctx.learner.model, ctx.batch
     s = Section("Cross-attention: what each output token reads")
     s.text("Each panel: one held-out task's first query pair; rows are the tokens the model "
            "writes (greedy decoding, EOS last), columns the source tokens, colour the last "
