@@ -84,7 +84,7 @@ def train_runs(configs: dict[str, str], args: argparse.Namespace) -> dict[str, S
         run = args.out / name
         sets = ["train.progress=false", f"train.threads={args.threads}", *args.set]
         if args.quick:
-            sets += ["train.max_seconds=20", "train.checkpoint_every=1000000",
+            sets += ["train.max_seconds=8", "train.checkpoint_every=1000000",
                      "eval.episodes=4"]
         if not (args.reuse and (run / "summary.json").is_file()):
             shutil.rmtree(run, ignore_errors=True)

@@ -31,12 +31,13 @@ ANCHOR = {"MAML": "beats transfer at ~16k target tokens (Gu et al. 2018, other d
 
 
 def score(hyps: list[str], refs: list) -> dict[str, float]:
-    """chrF, BLEU and placeholder accuracy (%) of the hypotheses against the pairs."""
+    """chrF, BLEU and placeholder accuracy (%; NaN when no reference has a placeholder) of
+    the hypotheses against the pairs."""
     targets = [r.target for r in refs]
     marked = [(h, t) for h, t in zip(hyps, targets) if placeholders(t)]
     kept = sum(placeholder_match(h, t) for h, t in marked)
     return {"chrF": chrf(hyps, targets), "BLEU": bleu(hyps, targets),
-            "placeholders": 100.0 * kept / max(len(marked), 1)}
+            "placeholders": 100.0 * kept / len(marked) if marked else float("nan")}
 
 
 def options(p: argparse.ArgumentParser) -> None:
@@ -52,7 +53,8 @@ def main() -> None:
     md, js = [], {}
     for k in args.shots:
         def held(seed: int, k: int = k) -> TranslationTasks:
-            return TranslationTasks("test", locales=locales, shots=k, shots_seed=seed,
+            # the pools are read whole: a task's draw is all K support pairs
+            return TranslationTasks("test", locales=locales, shots=k, shots_seed=seed, k_shot=k,
                                     vocab_size=task["vocab_size"], max_src=task["max_src"],
                                     max_tgt=task["max_tgt"])
 
