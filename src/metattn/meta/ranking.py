@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 
 from metattn.data.tasks import TaskBatch
-from metattn.meta.base import LossFn, check_batch
 from metattn.meta.maml import MAML
 
 
@@ -80,9 +79,6 @@ class RatingMAML(MAML):
     (``mae``, ``rmse``, ``ndcg@1``, ``ndcg@3``, per task) to MAML's own; with
     ``inner_steps: 0`` it is a model trained without adaptation (the global model)."""
 
-    def evaluate(self, batch: TaskBatch, loss_fn: LossFn | None = None,
-                 steps: int | None = None) -> dict[str, torch.Tensor]:
-        batch = check_batch(batch, "RatingMAML.evaluate")
-        res = super().evaluate(batch, loss_fn, steps)
-        pred = self.predict(batch.support_x, batch.support_y, batch.query_x, steps=steps)
-        return {**res, **rating_metrics(pred, batch.query_y)}
+    def query_metrics(self, pred: torch.Tensor, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        """MAE, RMSE, nDCG@1 and nDCG@3 of the adapted predictions."""
+        return rating_metrics(pred, batch.query_y)

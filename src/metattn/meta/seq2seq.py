@@ -16,12 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metattn.data.seq2seq import IGNORE
 from metattn.data.tasks import TaskBatch
 from metattn.errors import ConfigError
 from metattn.meta.base import LossFn, check_batch
 from metattn.meta.maml import MAML
-
-IGNORE = -100
 
 
 def sequence_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -134,8 +133,9 @@ class Seq2SeqMAML(MAML):
 
     def evaluate(self, batch: TaskBatch, loss_fn: LossFn | None = None,
                  steps: int | None = None) -> dict[str, torch.Tensor]:
-        batch = check_batch(batch, "Seq2SeqMAML.evaluate")
-        self._check_vocab(batch)
-        res = super().evaluate(batch, loss_fn, steps)
-        logits = self.predict(batch.support_x, batch.support_y, batch.query_x, steps=steps)
-        return {**res, **sequence_accuracy(logits, batch.query_y)}
+        self._check_vocab(check_batch(batch, "Seq2SeqMAML.evaluate"))
+        return super().evaluate(batch, loss_fn, steps)
+
+    def query_metrics(self, pred: torch.Tensor, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        """Token accuracy and exact match of the adapted logits."""
+        return sequence_accuracy(pred, batch.query_y)

@@ -404,7 +404,12 @@ class MAML(Learner):
             acc = accuracy(out, batch.query_y.unsqueeze(1))
             res["accuracy"] = acc[:, -1]
             res["accuracy_per_step"] = acc
-        return res
+        return {**res, **self.query_metrics(out[:, -1], batch)}
+
+    def query_metrics(self, pred: torch.Tensor, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        """More per-task metrics ``[T]`` of the adapted predictions ``pred [T, Q, ...]``,
+        added to :meth:`evaluate`'s; none here (a learner for a task family adds its own)."""
+        return {}
 
     def predict(self, support_x: torch.Tensor, support_y: torch.Tensor,
                 query_x: torch.Tensor, steps: int | None = None,
