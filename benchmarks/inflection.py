@@ -30,12 +30,13 @@ ANCHOR = {"MAML": "+31.7 over transfer (Kann et al. 2020, 29 targets)"}
 
 def main() -> None:
     t0 = time.perf_counter()
-    args, task, learners = start(__doc__, "runs/bench-inflection", CONFIGS)
+    args, cfg, learners = start(__doc__, "runs/bench-inflection", CONFIGS)
+    task = cfg.task
     held = InflectionTasks("test", families=task.get("families"), max_src=task["max_src"],
                            max_tgt=task["max_tgt"])
     if args.quick:
         held.languages = held.languages[:2]
-    res = evaluate(lambda seed: held, learners, lambda e: e.lemma,
+    res = evaluate(lambda seed: held, learners, cfg.model, lambda e: e.lemma,
                    lambda hyps, refs: string_scores(hyps, [e.form for e in refs]), args)
     langs = list(held.languages)
     groups = {f: [g for g in langs if g in FAMILIES[f]] for f in FAMILIES}

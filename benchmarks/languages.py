@@ -29,10 +29,11 @@ import torch
 from torch import nn
 
 import metattn.recipe as recipe
-from metattn.config import load
+from metattn import registry
+from metattn.config import RunConfig, load
 from metattn.data.tasks import mean_ci95
 from metattn.meta.seq2seq import Seq2SeqMAML, fine_tune
-from metattn.nn.seq2seq import Seq2SeqTransformer, beam_search
+from metattn.nn.seq2seq import beam_search
 from metattn.reports import fmt, print_table
 
 TRAINED = ("transfer", "FOMAML", "MAML")
@@ -65,16 +66,15 @@ def configs(prefix: str) -> dict[str, str]:
 
 def start(doc: str, out: str, configs: dict[str, str],
           more: Callable[[argparse.ArgumentParser], None] = lambda p: None
-          ) -> tuple[argparse.Namespace, dict, dict[str, Seq2SeqMAML]]:
+          ) -> tuple[argparse.Namespace, RunConfig, dict[str, Seq2SeqMAML]]:
     """Parse the options (``more`` adds a benchmark's own), set the threads, train or load
-    the configs: (options, the MAML config's task section, the learners by method)."""
+    the configs: (options, the MAML config, the learners by method)."""
     p = argparse.ArgumentParser(description=doc.split("\n")[0])
     add_arguments(p, out)
     more(p)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    task = load(configs["MAML"], args.set).task
-    return args, task, train_runs(configs, args)
+    return args, load(configs["MAML"], args.set), train_runs(configs, args)
 
 
 def train_runs(configs: dict[str, str], args: argparse.Namespace) -> dict[str, Seq2SeqMAML]:
@@ -105,30 +105,27 @@ def decode(model: nn.Module, x: torch.Tensor, vocab, beam: int, chunk: int = 200
     return texts
 
 
-def adapted(method: str, learners: dict[str, Seq2SeqMAML], sx: torch.Tensor,
+def adapted(method: str, learners: dict[str, Seq2SeqMAML], model: dict, sx: torch.Tensor,
             sy: torch.Tensor, seed: int, args: argparse.Namespace) -> nn.Module:
-    """``method``'s model adapted to one language's support pairs."""
+    """``method``'s model adapted to one language's support pairs; ``model`` is the configs'
+    model section (scratch builds a fresh one from it)."""
     ft = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch, "seed": seed}
     if method == "MAML, inner loop":
         return learners["MAML"].adapt(sx, sy).to_module()
     if method == "scratch":
-        base = learners["MAML"].model
         torch.manual_seed(seed)
-        fresh = Seq2SeqTransformer(base.embed.num_embeddings, base.max_src, base.max_tgt,
-                                   base.embed.embedding_dim, base.decoder[0].attn.n_heads,
-                                   len(base.encoder.layers), len(base.decoder),
-                                   base.decoder[0].ff[0].out_features)
-        return fine_tune(fresh, sx, sy, **ft)
+        return fine_tune(registry.build("model", model), sx, sy, **ft)
     if method in ("FOMAML", "MAML"):  # the meta-learned inner loop, then fine-tuning
         return fine_tune(learners[method].adapt(sx, sy).to_module(), sx, sy, **ft)
     return fine_tune(learners[method].model, sx, sy, **ft)
 
 
 def evaluate(make_tasks: Callable[[int], object], learners: dict[str, Seq2SeqMAML],
-             sources: Callable[[object], str], score: Score, args: argparse.Namespace
-             ) -> dict[str, dict[str, list[dict]]]:
+             model: dict, sources: Callable[[object], str], score: Score,
+             args: argparse.Namespace) -> dict[str, dict[str, list[dict]]]:
     """``res[method][language]`` = one score dict per seed; ``make_tasks(seed)`` gives the
-    held-out tasks of that seed (their support pools may differ by seed)."""
+    held-out tasks of that seed (their support pools may differ by seed); ``model``: the
+    configs' model section."""
     res: dict[str, dict[str, list[dict]]] = {m: {} for m in args.methods}
     for seed in range(args.seeds):
         tasks = make_tasks(seed)
@@ -142,8 +139,8 @@ def evaluate(make_tasks: Callable[[int], object], learners: dict[str, Seq2SeqMAM
                 if method == "copy":
                     hyps = [sources(r) for r in refs]
                 else:
-                    model = adapted(method, learners, sx, sy, seed, args)
-                    hyps = decode(model, qx, tasks.vocab, args.beam)
+                    tuned = adapted(method, learners, model, sx, sy, seed, args)
+                    hyps = decode(tuned, qx, tasks.vocab, args.beam)
                 res[method].setdefault(lang, []).append(score(hyps, refs))
             first = {m: next(iter(res[m][lang][-1].values())) for m in args.methods}
             print(f"seed {seed} {lang}: {len(sx)} support, {len(qx)} test pairs, "

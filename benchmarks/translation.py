@@ -48,7 +48,8 @@ def options(p: argparse.ArgumentParser) -> None:
 
 def main() -> None:
     t0 = time.perf_counter()
-    args, task, learners = start(__doc__, "runs/bench-translation", CONFIGS, options)
+    args, cfg, learners = start(__doc__, "runs/bench-translation", CONFIGS, options)
+    task = cfg.task
     locales = args.locales or (["uk", "fi"] if args.quick else None)
     md, js = [], {}
     for k in args.shots:
@@ -58,7 +59,7 @@ def main() -> None:
                                     vocab_size=task["vocab_size"], max_src=task["max_src"],
                                     max_tgt=task["max_tgt"])
 
-        res = evaluate(held, learners, lambda r: r.source, score, args)
+        res = evaluate(held, learners, cfg.model, lambda r: r.source, score, args)
         langs = list(held(0).languages)
         title = f"English -> X, K = {k}"
         part, js[k] = tables(res, {"all held-out locales": langs},

@@ -64,15 +64,15 @@ class CharVocab:
 def pack(src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]], max_src: int,
          max_tgt: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack pairs as the module docstring says: ``x [N, max_src + max_tgt]``, ``y [N,
-    max_tgt]``. A source longer than ``max_src`` or a target longer than ``max_tgt - 1`` is a
-    DataError (filter with :func:`fits` first)."""
+    max_tgt]``. A pair that does not :func:`fits` (an empty or too long source, a target
+    longer than ``max_tgt - 1``) is a DataError: filter with :func:`fits` first."""
     if len(src) != len(tgt):
         raise DataError(f"pack: {len(src)} sources but {len(tgt)} targets")
     width = max_src + max_tgt
     # rows are filled in Python lists and converted once: per-row tensor writes cost ~10x
     xs, ys = [], []
     for i, (s, t) in enumerate(zip(src, tgt)):
-        if len(s) > max_src or len(t) + 1 > max_tgt:
+        if not fits(s, t, max_src, max_tgt):
             raise DataError(f"pack: pair {i} has {len(s)} source / {len(t)} target tokens; "
                             f"max_src={max_src}, max_tgt={max_tgt} (EOS included); raise them "
                             "or drop long pairs with fits()")

@@ -391,6 +391,7 @@ class TranslationTasks(LanguageTasks):
         return ([pairs[i] for i in ok], [src[i] for i in ok], [tgt[i] for i in ok],
                 len(pairs) - len(ok))
 
+
 def _choose(split: str, locales: Sequence[str] | None, meta_train: list[str]) -> list[str]:
     if split not in ("train", "test"):
         raise TaskError(f"TranslationTasks: split={split!r}; use 'train' or 'test'")
